@@ -1,0 +1,1 @@
+"""counterpoint: multimodal representation learning."""

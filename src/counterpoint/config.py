@@ -1,0 +1,292 @@
+"""Typed, validated run configuration.
+
+A run is described by nested dataclasses. A YAML recipe (``configs/*.yaml``) is merged over the defaults and
+``key=value`` overrides from the command line are merged over that (dinov2-style: default + experiment diff +
+overrides). Every key is checked: an unknown key or a value of the wrong type or range raises
+:class:`ConfigError` with one line naming the key and what would be accepted. The fully resolved config is
+written next to the results of every run (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from counterpoint.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A user mistake in a config file or override; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Which two-tower model to build; ``name`` picks a preset from ``counterpoint.models.MODEL_PRESETS``.
+
+    Any field left at ``None`` takes the preset's value, so a recipe can say ``name: small-vit`` and override
+    only ``embed_dim``.
+    """
+
+    name: str = "tiny-cnn"
+    embed_dim: int | None = None
+    image_size: int | None = None
+    context_length: int | None = None
+    vocab_size: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where training and evaluation data come from.
+
+    ``train`` / ``test`` are paths to a WebDataset shard folder (or a single ``.tar``), a CSV/TSV file, or a
+    folder of images with same-name ``.txt`` captions; the reader is picked from what the path is.
+    """
+
+    train: str = "data/world/train"
+    test: str = "data/world/test"
+    max_train_samples: int | None = None
+    caption_key: str = "txt"
+    num_workers: int = 0
+    augment: bool = True
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective (see ``counterpoint.objectives``)."""
+
+    name: Literal["clip", "margin"] = "clip"
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    margin: float = 0.5
+    chunk_size: int = 0  # 0: materialise the logits; >0: stream them in column chunks (big batches)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run-length settings."""
+
+    epochs: float = 10.0
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    threads: int = 0  # 0: let torch decide
+    progress: bool = True
+    max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still follows `epochs`
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate at the end of training (and with ``counterpoint eval``)."""
+
+    zeroshot: bool = True
+    retrieval: bool = True
+    linear_probe: bool = True
+    recall_at: tuple[int, ...] = (1, 5, 10)
+    batch_size: int = 512
+    max_retrieval_samples: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs. ``out_dir`` receives the run directory contract."""
+
+    out_dir: str = "runs/clip-world"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Value checks that types alone cannot express."""
+    checks: list[tuple[bool, str]] = [
+        (cfg.train.epochs > 0, "train.epochs must be > 0"),
+        (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (contrastive losses need negatives)"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
+        (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (0 < cfg.objective.init_temperature < 1, "objective.init_temperature must be in (0, 1)"),
+        (cfg.objective.max_logit_scale > 1, "objective.max_logit_scale must be > 1"),
+        (cfg.objective.margin > 0, "objective.margin must be > 0"),
+        (cfg.objective.chunk_size >= 0, "objective.chunk_size must be >= 0"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (all(k >= 1 for k in cfg.eval.recall_at), "eval.recall_at values must be >= 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts with type checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # internal: a field we declared badly
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise :class:`ConfigError`."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-friendly dict (tuples become lists)."""
+
+    def plain(x: Any) -> Any:
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(cfg)
+
+
+def _deep_merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in diff.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``train.lr=3e-4`` -> ``{"train": {"lr": 3e-4}}``; the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': cannot parse value ({exc.problem})") from None
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return node
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass a YAML recipe such as configs/clip_world.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, merged with the YAML recipe at ``path``, merged with ``key=value`` overrides."""
+    data: dict[str, Any] = load_yaml(path) if path is not None else {}
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    return from_dict(RunConfig, data)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
