@@ -1,1 +1,55 @@
-"""counterpoint: multimodal representation learning."""
+"""counterpoint: multimodal representation learning.
+
+Public API::
+
+    model = counterpoint.create_model("tiny-vit")             # a fresh TwoTower
+    model, tokenizer = counterpoint.load_checkpoint("runs/clip-world")
+    tokenizer = counterpoint.get_tokenizer("runs/clip-world")
+    u = counterpoint.encode_image(model, images_uint8)        # [N, D] unit vectors
+    v = counterpoint.encode_text(model, tokenizer, ["a red circle."])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from counterpoint.data.tokenizer import Tokenizer
+from counterpoint.data.transforms import normalize
+from counterpoint.models import MODEL_PRESETS, TwoTower, create_model
+
+__version__ = "0.1.0"
+__all__ = ["MODEL_PRESETS", "Tokenizer", "TwoTower", "create_model", "encode_image", "encode_text",
+           "get_tokenizer", "load_checkpoint"]
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[TwoTower, Tokenizer]:
+    """The model (in eval mode) and tokenizer saved in a run directory or checkpoint folder."""
+    from counterpoint.train.loop import load_run_model
+
+    model, tokenizer, _ = load_run_model(path, device)
+    return model, tokenizer
+
+
+def get_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer saved with a run or checkpoint (``tokenizer.json`` beside the weights)."""
+    from counterpoint.train.checkpoint import read_state, resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
+    return Tokenizer.from_file(folder / "tokenizer.json", read_state(folder)["model_spec"]["context_length"])
+
+
+@torch.no_grad()
+def encode_image(model: TwoTower, images: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, S, S]`` uint8 pixels (or already normalised floats) -> ``[N, D]`` unit embeddings."""
+    device = next(model.parameters()).device
+    x = normalize(images.to(device)) if images.dtype == torch.uint8 else images.to(device)
+    return model.encode_image(x)
+
+
+@torch.no_grad()
+def encode_text(model: TwoTower, tokenizer: Tokenizer, texts: str | list[str]) -> torch.Tensor:
+    """Texts -> ``[N, D]`` unit embeddings."""
+    device = next(model.parameters()).device
+    return model.encode_text(tokenizer(texts).to(device))

@@ -50,11 +50,11 @@ class DataConfig:
     """
 
     train: str = "data/world/train"
-    test: str = "data/world/test"
+    test: str = "data/world/test"  # paired test set for retrieval ("" to skip)
+    zeroshot: str = "data/world/zeroshot"  # labelled images for zero-shot and linear probe ("" to skip)
+    classes: str = "data/world/world.json"  # JSON with "classes", "templates" and optionally "heldout"
     max_train_samples: int | None = None
     caption_key: str = "txt"
-    num_workers: int = 0
-    augment: bool = True
 
 
 @dataclass
@@ -64,7 +64,7 @@ class ObjectiveConfig:
     name: Literal["clip", "margin"] = "clip"
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
-    margin: float = 0.5
+    margin: float = 1.0
     chunk_size: int = 0  # 0: materialise the logits; >0: stream them in column chunks (big batches)
 
 
@@ -81,6 +81,8 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    translate: int = 2  # random-shift augmentation in pixels (0 disables)
     precision: Literal["fp32", "bf16"] = "fp32"
     log_every: int = 20
     checkpoint_every: int = 500
@@ -138,7 +140,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         (cfg.objective.chunk_size >= 0, "objective.chunk_size must be >= 0"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (all(k >= 1 for k in cfg.eval.recall_at), "eval.recall_at values must be >= 1"),
-        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.train.translate >= 0, "train.translate must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -1,0 +1,80 @@
+"""Transformer building blocks shared by the image and text towers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
+    on GPU, a fused kernel on CPU)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal and mask is None)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(width * ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (GPT-2 / CLIP layout)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask, causal)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
+                 grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(layers))
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, causal, use_reentrant=False)
+            else:
+                x = block(x, mask, causal)
+        return x
+
+
+def init_transformer(module: nn.Module, layers: int) -> None:
+    """GPT-2 style init: N(0, 0.02) for linears and embeddings, residual projections scaled by 1/sqrt(2L)
+    so the residual stream's variance does not grow with depth."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            continue
+        std = 0.02 / (2 * max(layers, 1)) ** 0.5 if name.endswith(("attn.proj.weight", "mlp.fc2.weight")) else 0.02
+        nn.init.normal_(p, std=std)

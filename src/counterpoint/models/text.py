@@ -1,0 +1,48 @@
+"""Transformer text tower (CLIP layout, Radford et al. 2021): token + position embeddings, pre-norm blocks,
+final norm, pooled at ``<eot>`` (causal mask, as CLIP) or by the mean over non-pad tokens (bidirectional),
+then a linear projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from counterpoint.models.layers import Transformer, init_transformer
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
+                 embed_dim: int, pool: str = "eot", pad_id: int = 0, eot_id: int = 2) -> None:
+        super().__init__()
+        if pool not in ("eot", "mean"):
+            raise ValueError(f"pool must be 'eot' or 'mean', got {pool!r}")
+        self.pool = pool
+        self.pad_id = pad_id
+        self.eot_id = eot_id
+        self.context_length = context_length
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_final = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        init_transformer(self, layers)
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` ids -> ``[B, L, width]`` after the final norm."""
+        x = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
+        if self.pool == "eot":
+            # Causal: position t sees only <= t, so the <eot> token summarises the whole text (as CLIP).
+            x = self.transformer(x, causal=True)
+        else:
+            keep = tokens != self.pad_id  # [B, L]; padding is never attended to
+            x = self.transformer(x, mask=keep[:, None, None, :])
+        return self.ln_final(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.forward_tokens(tokens)
+        if self.pool == "eot":
+            pooled = x[torch.arange(x.shape[0], device=x.device), (tokens == self.eot_id).int().argmax(dim=1)]
+        else:
+            keep = (tokens != self.pad_id).unsqueeze(-1).to(x.dtype)
+            pooled = (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        return self.proj(pooled)

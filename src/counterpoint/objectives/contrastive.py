@@ -1,0 +1,90 @@
+"""Two-tower contrastive objectives: CLIP's InfoNCE and the pairwise margin (Hadsell et al.) loss.
+
+Both are written in the *local loss* form: this rank's rows score against the columns of the global batch
+(all ranks' features, gathered with gradients). In one process the global batch is the local one and this is
+the ordinary loss; across ranks it equals the single-process loss on the global batch exactly, at memory
+B_local x B_global instead of B^2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from counterpoint.models.two_tower import TwoTower
+from counterpoint.objectives.distributed import gather_with_grad
+
+
+def infonce_loss(u: torch.Tensor, v: torch.Tensor, u_all: torch.Tensor, v_all: torch.Tensor,
+                 logit_scale: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP, Radford et al. 2021).
+
+    ``u``/``v``: this rank's unit image/text embeddings ``[B, D]``; ``u_all``/``v_all``: the global batch
+    ``[G, D]`` whose rows ``offset .. offset+B`` are ``u``/``v``; ``logit_scale``: log of the inverse
+    temperature. Loss = (CE(s u v_all^T, i) + CE(s v u_all^T, i)) / 2 with targets ``i = arange(B) + offset``.
+    """
+    scale = logit_scale.exp()
+    targets = torch.arange(u.shape[0], device=u.device) + offset
+    logits_i2t = scale * u @ v_all.T  # [B, G]
+    logits_t2i = scale * v @ u_all.T  # [B, G]
+    return (F.cross_entropy(logits_i2t.float(), targets) + F.cross_entropy(logits_t2i.float(), targets)) / 2
+
+
+def margin_contrastive_loss(distance: torch.Tensor, similar: torch.Tensor, margin: float) -> torch.Tensor:
+    """Hadsell, Chopra & LeCun (CVPR 2006): ``1/(2N) sum [y d^2 + (1 - y) max(margin - d, 0)^2]`` over N
+    pairs with distances ``d`` and labels ``y`` (1 = matching pair)."""
+    y = similar.to(distance.dtype)
+    per_pair = y * distance.pow(2) + (1 - y) * F.relu(margin - distance).pow(2)
+    return per_pair.sum() / (2 * distance.numel())
+
+
+def in_batch_margin_loss(u: torch.Tensor, v_all: torch.Tensor, margin: float, offset: int = 0) -> torch.Tensor:
+    """The margin loss over every (image, text) pair of the batch, positives and negatives weighted equally.
+
+    A batch of B has B positives and B(G-1) negatives; averaging them together would let negatives swamp
+    the positives, so each group is averaged on its own: this is the pair formula on a balanced pair set.
+    """
+    d = torch.cdist(u.float(), v_all.float())  # [B, G] Euclidean distances between unit vectors, in [0, 2]
+    positive = torch.zeros_like(d, dtype=torch.bool)
+    positive[torch.arange(u.shape[0]), torch.arange(u.shape[0]) + offset] = True
+    pos = margin_contrastive_loss(d[positive], torch.ones_like(d[positive]), margin)
+    neg = margin_contrastive_loss(d[~positive], torch.zeros_like(d[~positive]), margin)
+    return pos + neg
+
+
+@dataclass
+class ContrastiveTask:
+    """Wraps a :class:`TwoTower` and a contrastive loss: ``task(batch) -> (losses, metrics)``.
+
+    ``loss`` is ``"clip"`` (InfoNCE) or ``"margin"``. ``chunk_size > 0`` streams the InfoNCE logits in column
+    chunks so memory grows with B rather than B^2 (see ``counterpoint.objectives.chunked``).
+    """
+
+    model: TwoTower
+    loss: str = "clip"
+    margin: float = 1.0
+    chunk_size: int = 0
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        u = self.model.encode_image(batch["image"])
+        v = self.model.encode_text(batch["text"])
+        u_all, offset = gather_with_grad(u)
+        v_all, _ = gather_with_grad(v)
+        if self.loss == "clip":
+            if self.chunk_size > 0:
+                from counterpoint.objectives.chunked import chunked_infonce_loss
+
+                loss = chunked_infonce_loss(u, v, u_all, v_all, self.model.logit_scale, offset, self.chunk_size)
+            else:
+                loss = infonce_loss(u, v, u_all, v_all, self.model.logit_scale, offset)
+        elif self.loss == "margin":
+            loss = in_batch_margin_loss(u, v_all, self.margin, offset)
+        else:
+            raise ValueError(f"unknown contrastive loss {self.loss!r}; use 'clip' or 'margin'")
+        with torch.no_grad():
+            sim = u @ v_all.T
+            acc = (sim.argmax(dim=1) == torch.arange(u.shape[0], device=u.device) + offset).float().mean()
+        metrics = {"batch_acc_i2t": float(acc), "temperature": float(1.0 / self.model.logit_scale.detach().exp())}
+        return {"contrastive": loss}, metrics

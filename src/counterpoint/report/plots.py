@@ -1,0 +1,74 @@
+"""PNG plots of a run: training curves and evaluation results (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """``loss.png`` (every loss term), ``temperature.png`` and ``lr.png`` from metrics.jsonl rows."""
+    written = []
+    loss_keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith("loss/")})
+    panels = [("loss.png", loss_keys, "loss", True), ("temperature.png", ["temperature"], "temperature", True),
+              ("lr.png", ["lr"], "learning rate", False)]
+    for name, keys, ylabel, logy in panels:
+        present = [k for k in keys if any(k in r for r in rows)]
+        if not present:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+        for key in present:
+            steps, values = _series(rows, key)
+            ax.plot(steps, values, label=key, linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if logy and all(v > 0 for k in present for v in _series(rows, k)[1]):
+            ax.set_yscale("log")
+        if len(present) > 1:
+            ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
+def plot_eval(result: dict[str, Any], out_dir: Path) -> Path | None:
+    """``eval.png``: a bar per headline metric (zero-shot subsets, Recall@K both ways, linear probe)."""
+    bars: list[tuple[str, float]] = []
+    zs = result.get("zeroshot", {})
+    for subset in ("heldout", "seen", "all"):
+        if subset in zs:
+            bars.append((f"zero-shot\n{subset}", zs[subset]["top1"]))
+    for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
+        for k, v in result.get("retrieval", {}).get(direction, {}).items():
+            bars.append((f"{short}\n{k}", v))
+    if "linear_probe" in result:
+        bars.append(("linear\nprobe", result["linear_probe"]["top1"]))
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(bars)), 3.5), dpi=110)
+    names, values = zip(*bars)
+    ax.bar(range(len(bars)), values, color="#4472c4")
+    for i, v in enumerate(values):
+        ax.text(i, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(bars)), names, fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("accuracy / recall")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "eval.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path

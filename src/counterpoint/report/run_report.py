@@ -1,0 +1,63 @@
+"""``report.md``: a human-readable summary of a run that links its plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def write_report(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+    lines = [f"# counterpoint run: `{run_dir.name}`", ""]
+    lines += ["## Summary", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in summary.items()]
+    lines.append("")
+    zs = result.get("zeroshot")
+    if zs:
+        lines += ["## Zero-shot classification", "",
+                  f"{zs['num_classes']} classes, {zs['num_templates']} prompt templates per class.", "",
+                  "| subset | top-1 | top-5 | images |", "|---|---|---|---|"]
+        for subset in ("heldout", "seen", "all"):
+            if subset in zs:
+                s = zs[subset]
+                lines.append(f"| {subset} | {s['top1']:.4f} | {s.get('top5', float('nan')):.4f} | {s['n']} |")
+        lines.append("")
+    ret = result.get("retrieval")
+    if ret:
+        ks = list(ret["image_to_text"])
+        lines += ["## Retrieval", "", f"{ret['n']} test pairs.", "",
+                  "| direction | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
+        for direction in ("image_to_text", "text_to_image"):
+            lines.append(f"| {direction} | " + " | ".join(f"{ret[direction][k]:.4f}" for k in ks) + " |")
+        lines.append("")
+    lp = result.get("linear_probe")
+    if lp:
+        lines += ["## Linear probe", "",
+                  f"Test top-1 {lp['top1']:.4f} (validation {lp['val_top1']:.4f}, l2 = {lp['l2']:g}, "
+                  f"{lp['n_train']} train / {lp['n_test']} test images).", ""]
+    skipped = result.get("data", {}).get("skipped", {})
+    lines += ["## Data", "", "| split | skipped | reasons |", "|---|---|---|"]
+    for split, s in skipped.items():
+        lines.append(f"| {split} | {s['total']} | {', '.join(f'{k}: {v}' for k, v in s['by_reason'].items()) or '-'} |")
+    lines.append("")
+    lines += ["## Plots", ""]
+    for name, title in (("loss.png", "Training loss"), ("temperature.png", "Temperature"),
+                        ("lr.png", "Learning rate"), ("eval.png", "Evaluation")):
+        if (run_dir / name).exists():
+            lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    if rows:
+        lines += ["## Last logged step", "", "```", json.dumps(rows[-1], indent=1), "```", ""]
+    lines += ["Files: `config.yaml` (resolved config), `metrics.jsonl`, `eval.json`, `checkpoints/`.", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
