@@ -17,6 +17,11 @@ from counterpoint.models.two_tower import TwoTower
 from counterpoint.objectives.distributed import gather_with_grad
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Softmax and distances in bf16/fp16 lose the small differences that matter; float64 stays float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def infonce_loss(u: torch.Tensor, v: torch.Tensor, u_all: torch.Tensor, v_all: torch.Tensor,
                  logit_scale: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP, Radford et al. 2021).
@@ -29,7 +34,8 @@ def infonce_loss(u: torch.Tensor, v: torch.Tensor, u_all: torch.Tensor, v_all: t
     targets = torch.arange(u.shape[0], device=u.device) + offset
     logits_i2t = scale * u @ v_all.T  # [B, G]
     logits_t2i = scale * v @ u_all.T  # [B, G]
-    return (F.cross_entropy(logits_i2t.float(), targets) + F.cross_entropy(logits_t2i.float(), targets)) / 2
+    return (F.cross_entropy(_at_least_fp32(logits_i2t), targets)
+            + F.cross_entropy(_at_least_fp32(logits_t2i), targets)) / 2
 
 
 def margin_contrastive_loss(distance: torch.Tensor, similar: torch.Tensor, margin: float) -> torch.Tensor:
@@ -46,7 +52,7 @@ def in_batch_margin_loss(u: torch.Tensor, v_all: torch.Tensor, margin: float, of
     A batch of B has B positives and B(G-1) negatives; averaging them together would let negatives swamp
     the positives, so each group is averaged on its own: this is the pair formula on a balanced pair set.
     """
-    d = torch.cdist(u.float(), v_all.float())  # [B, G] Euclidean distances between unit vectors, in [0, 2]
+    d = torch.cdist(_at_least_fp32(u), _at_least_fp32(v_all))  # [B, G] Euclidean distances between unit vectors, in [0, 2]
     positive = torch.zeros_like(d, dtype=torch.bool)
     positive[torch.arange(u.shape[0]), torch.arange(u.shape[0]) + offset] = True
     pos = margin_contrastive_loss(d[positive], torch.ones_like(d[positive]), margin)

@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from counterpoint.config import RunConfig, save_config
 from counterpoint.data.pairs import PairSet, batch_indices, load_pairs
+from counterpoint.data.readers import detect_format
 from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.data.transforms import normalize, random_translate
 from counterpoint.errors import UserError
-from counterpoint.evaluate.runner import evaluate_model
+from counterpoint.evaluate.runner import evaluate_model, load_classes
 from counterpoint.models.presets import ModelSpec, build_model, resolve_spec
 from counterpoint.models.two_tower import TwoTower
 from counterpoint.objectives.contrastive import ContrastiveTask
@@ -88,8 +89,19 @@ def make_batch(pairs: PairSet, tokens: torch.Tensor, idx: torch.Tensor, cfg: Run
     return {"image": normalize(images.to(device, non_blocking=True)), "text": tokens[idx].to(device)}
 
 
+def check_data_paths(cfg: RunConfig) -> None:
+    """Fail before training, not after it, when an evaluation input is missing."""
+    detect_format(cfg.data.train)
+    if cfg.eval.retrieval and cfg.data.test:
+        detect_format(cfg.data.test)
+    if (cfg.eval.zeroshot or cfg.eval.linear_probe) and cfg.data.zeroshot:
+        detect_format(cfg.data.zeroshot)
+        load_classes(cfg.data.classes)
+
+
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, evaluate and report; returns the run directory."""
+    check_data_paths(cfg)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
@@ -160,8 +172,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             done = step + 1
             if done % cfg.train.log_every == 0 or done == end_step:
                 now = time.perf_counter()
-                row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr, "loss": float(loss),
-                       **{f"loss/{k}": float(v) for k, v in losses.items()}, **metrics,
+                row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr, "loss": float(loss.detach()),
+                       **{f"loss/{k}": float(v.detach()) for k, v in losses.items()}, **metrics,
                        "samples_per_s": round(cfg.train.log_every * bs / max(now - t_last, 1e-9), 1)}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)

@@ -1,0 +1,69 @@
+"""Write the built-in world to disk: training pairs, test pairs, the labelled zero-shot set, stories.
+
+Layout of ``OUT``::
+
+    OUT/world.json        the WorldConfig used, class names, prompt templates, held-out combinations
+    OUT/train/            training pairs (held-out combinations never appear)
+    OUT/test/             retrieval test pairs (all combinations)
+    OUT/zeroshot/         single-object images with a ``label`` (every class equally often)
+    OUT/stories/          interleaved documents (stories.jsonl + images), only with ``stories > 0``
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from counterpoint.data.world import PROMPT_TEMPLATES, World, WorldConfig, WorldSample
+from counterpoint.data.writers import Format, Record, write_records
+
+
+def _records(world: World, split: str, n: int, with_audio: bool, progress: bool) -> Iterator[Record]:
+    for i in tqdm(range(n), desc=f"world/{split}", unit=" samples", disable=not progress, leave=False):
+        s: WorldSample = world.labelled(i, with_audio) if split == "zeroshot" else world.pair(split, i, with_audio)
+        yield Record(s.key, s.image, s.caption, s.meta(), s.audio, world.cfg.audio_sample_rate)
+
+
+def write_stories(world: World, n: int, out_dir: Path, steps: int = 4) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "stories.jsonl", "w", encoding="utf-8") as fh:
+        for i in range(n):
+            story = world.story(i, steps)
+            names: list[str | None] = []
+            for j, img in enumerate(story["images"]):
+                if img is None:
+                    names.append(None)
+                    continue
+                name = f"{story['key']}-{j}.png"
+                Image.fromarray(img).save(out_dir / name)
+                names.append(name)
+            fh.write(json.dumps({"key": story["key"], "texts": story["texts"], "images": names}) + "\n")
+
+
+def make_world(out: str | Path, cfg: WorldConfig, fmt: Format = "wds", train: int = 100_000, test: int = 2_000,
+               zeroshot: int = 2_048, stories: int = 0, with_audio: bool = False, image_format: str = "png",
+               progress: bool = True) -> dict:
+    """Generate and write every split; returns the ``world.json`` content."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = World(cfg)
+    for split, n in (("train", train), ("test", test), ("zeroshot", zeroshot)):
+        if n > 0:
+            write_records(_records(world, split, n, with_audio, progress), out / split, fmt, image_format)
+    if stories > 0:
+        write_stories(world, stories, out / "stories")
+    info = {
+        "world": asdict(cfg),
+        "classes": world.classes,
+        "templates": list(PROMPT_TEMPLATES),
+        "heldout": sorted(f"{c} {s}" for c, s in world.heldout),
+        "splits": {"train": train, "test": test, "zeroshot": zeroshot, "stories": stories},
+        "format": fmt,
+    }
+    (out / "world.json").write_text(json.dumps(info, indent=2))
+    return info

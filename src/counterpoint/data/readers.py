@@ -1,0 +1,286 @@
+"""Readers for real image-text data: WebDataset tar shards, CSV/TSV files, and folders.
+
+The reader is chosen from what the path is:
+
+* a ``.tar`` file, a folder of ``.tar`` files, or a glob such as ``shards/*.tar``: WebDataset. A sample is the
+  group of members sharing a key (the name up to the first dot); the image is the ``jpg``/``jpeg``/``png``/
+  ``webp`` member and the caption the ``txt`` member or a field of the ``json`` member.
+* a ``.csv`` / ``.tsv`` file (or a folder holding ``pairs.csv``): one row per pair with an image path
+  (column ``image``, ``filepath``, ``path`` or ``file``; relative to the file's folder) and a caption
+  (column ``caption``, ``text`` or ``title``); an optional ``label`` column.
+* any other folder: images with a same-name ``.txt`` caption (and optional ``.json`` with a ``label``).
+
+We read tar files with the standard library instead of the ``webdataset`` package: the format is just a tar,
+and owning the reader lets every bad sample be skipped *and counted by reason*, which the package's handlers
+do not report.
+
+A corrupt image, an empty or undecodable caption, or a missing file never stops a run: the sample is skipped
+and counted in a :class:`SkipStats`, which ends up in the run summary and in ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from counterpoint.errors import DataError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_CSV_IMAGE_COLUMNS = ("image", "filepath", "path", "file", "image_path")
+_CSV_CAPTION_COLUMNS = ("caption", "text", "title")
+# What a bad image file can raise; a decompression bomb (a header claiming a huge size) is one too.
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass
+class SkipStats:
+    """Counts of skipped samples by reason, with a few examples for the report."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{reason}: {where}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "by_reason": dict(self.counts), "examples": list(self.examples)}
+
+
+@dataclass
+class RawSample:
+    """A decoded sample: RGB image, caption text and optional label (from metadata)."""
+
+    key: str
+    image: Image.Image
+    caption: str
+    label: str | None = None
+
+
+def _decode_image(payload: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(payload))
+    img.load()  # force full decode now, so truncated files fail here and are counted
+    return img.convert("RGB")
+
+
+def _decode_caption(payload: bytes) -> str:
+    return payload.decode("utf-8").strip()
+
+
+def _from_members(key: str, members: dict[str, bytes], caption_key: str, where: str,
+                  skips: SkipStats) -> RawSample | None:
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if image_ext is None:
+        skips.skip("missing_image", where)
+        return None
+    meta: dict = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                meta = {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+    try:
+        if caption_key in members:
+            caption = _decode_caption(members[caption_key])
+        elif "txt" in members:
+            caption = _decode_caption(members["txt"])
+        else:
+            value = meta.get(caption_key, meta.get("caption"))
+            caption = value.strip() if isinstance(value, str) else ""
+    except UnicodeDecodeError:
+        skips.skip("bad_caption", where)
+        return None
+    if not caption:
+        skips.skip("empty_caption", where)
+        return None
+    try:
+        image = _decode_image(members[image_ext])
+    except _IMAGE_ERRORS:
+        skips.skip("corrupt_image", where)
+        return None
+    label = meta.get("label")
+    return RawSample(key, image, caption, label if isinstance(label, str) else None)
+
+
+def _tar_files(path: str) -> list[Path]:
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(p.glob("*.tar"))
+    return sorted(Path(x) for x in glob.glob(path))
+
+
+def iter_tar_groups(tar_path: Path, skips: SkipStats) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` for consecutive members sharing a key (WebDataset convention)."""
+    try:
+        tar = tarfile.open(tar_path, "r|*")  # streaming mode: no seeking, works on pipes too
+    except (tarfile.TarError, OSError):
+        skips.skip("corrupt_shard", str(tar_path))
+        return
+    key, group = None, {}
+    truncated = False
+    try:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            if name.startswith(".") or "." not in name:
+                continue
+            k, ext = name.split(".", 1)
+            if k != key and key is not None:
+                yield key, group
+                group = {}
+            key = k
+            fh = tar.extractfile(member)
+            group[ext.lower()] = fh.read() if fh is not None else b""
+    except (tarfile.TarError, OSError, EOFError):
+        skips.skip("truncated_shard", str(tar_path))
+        truncated = True  # the group being read is incomplete (it may lack its caption or label): drop it
+    finally:
+        tar.close()
+    if key is not None and not truncated:
+        yield key, group
+
+
+def iter_webdataset(path: str, caption_key: str, skips: SkipStats) -> Iterator[RawSample]:
+    for tar_path in _tar_files(path):
+        for key, members in iter_tar_groups(tar_path, skips):
+            sample = _from_members(key, members, caption_key, f"{tar_path.name}:{key}", skips)
+            if sample is not None:
+                yield sample
+
+
+def _pick_column(columns: list[str], options: tuple[str, ...], what: str, path: Path) -> str:
+    lowered = {c.lower().strip(): c for c in columns}
+    for opt in options:
+        if opt in lowered:
+            return lowered[opt]
+    raise DataError(f"{path}: no {what} column (looked for {', '.join(options)}; found {', '.join(columns)})")
+
+
+def iter_csv(path: str, skips: SkipStats) -> Iterator[RawSample]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "pairs.csv"
+    delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
+    # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise glue onto the first
+    # column name.
+    with open(p, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        columns = reader.fieldnames or []
+        image_col = _pick_column(columns, _CSV_IMAGE_COLUMNS, "image path", p)
+        caption_col = _pick_column(columns, _CSV_CAPTION_COLUMNS, "caption", p)
+        label_col = next((c for c in columns if c.lower().strip() == "label"), None)
+        for row_no, row in enumerate(reader, start=2):
+            where = f"{p.name}:{row_no}"
+            caption = (row.get(caption_col) or "").strip()
+            rel = (row.get(image_col) or "").strip()
+            if not rel:
+                skips.skip("missing_file", where)
+                continue
+            file = (p.parent / rel) if not Path(rel).is_absolute() else Path(rel)
+            if not caption or "\ufffd" in caption:
+                skips.skip("empty_caption" if not caption else "bad_caption", where)
+                continue
+            try:
+                payload = file.read_bytes()
+            except OSError:
+                skips.skip("missing_file", f"{where} ({rel})")
+                continue
+            try:
+                image = _decode_image(payload)
+            except _IMAGE_ERRORS:
+                skips.skip("corrupt_image", f"{where} ({rel})")
+                continue
+            label = (row.get(label_col) or "").strip() if label_col else ""
+            yield RawSample(file.stem, image, caption, label or None)
+
+
+def iter_folder(path: str, caption_key: str, skips: SkipStats) -> Iterator[RawSample]:
+    root = Path(path)
+    images = sorted(f for f in root.rglob("*") if f.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    for img_path in images:
+        members: dict[str, bytes] = {}
+        where = str(img_path.relative_to(root))
+        try:
+            members[img_path.suffix.lower().lstrip(".")] = img_path.read_bytes()
+            txt = img_path.with_suffix(".txt")
+            if txt.exists():
+                members["txt"] = txt.read_bytes()
+            meta = img_path.with_suffix(".json")
+            if meta.exists():
+                members["json"] = meta.read_bytes()
+        except OSError:
+            skips.skip("missing_file", where)
+            continue
+        if "txt" not in members and "json" not in members:
+            skips.skip("missing_caption", where)
+            continue
+        sample = _from_members(img_path.stem, members, caption_key, where, skips)
+        if sample is not None:
+            yield sample
+
+
+def detect_format(path: str) -> str:
+    """``wds``, ``csv`` or ``folder`` for ``path``; raises :class:`DataError` if there is nothing to read."""
+    p = Path(path)
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix == ".tar":
+            return "wds"
+        if suffix in (".csv", ".tsv"):
+            return "csv"
+        raise DataError(f"data path '{path}' is a {suffix or 'plain'} file; expected .tar, .csv or .tsv")
+    if p.is_dir():
+        if any(p.glob("*.tar")):
+            return "wds"
+        if (p / "pairs.csv").is_file():
+            return "csv"
+        return "folder"
+    if glob.glob(path):
+        return "wds"
+    raise DataError(
+        f"data path '{path}' does not exist; create the built-in world with "
+        f"'counterpoint data make world --out data/world' or point the config at your own data"
+    )
+
+
+def iter_samples(path: str, skips: SkipStats, caption_key: str = "txt") -> Iterator[RawSample]:
+    """Decoded samples from ``path`` in any supported format; bad samples are counted in ``skips``."""
+    fmt = detect_format(path)
+    if fmt == "wds":
+        yield from iter_webdataset(path, caption_key, skips)
+    elif fmt == "csv":
+        yield from iter_csv(path, skips)
+    else:
+        yield from iter_folder(path, caption_key, skips)
+
+
+def to_square_array(image: Image.Image, size: int) -> np.ndarray:
+    """Centre-crop to a square and resize to ``size`` (bicubic); returns ``[size, size, 3]`` uint8."""
+    w, h = image.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)

@@ -1,0 +1,32 @@
+"""Shared fixtures: a small built-in world on disk and a tiny training config pointed at it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from counterpoint.config import RunConfig, from_dict
+from counterpoint.data.make_world import make_world
+from counterpoint.data.world import WorldConfig
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    make_world(out, WorldConfig(seed=1), "wds", train=768, test=128, zeroshot=128, progress=False)
+    return out
+
+
+def tiny_config(world: Path, out_dir: Path, **train: object) -> RunConfig:
+    """A few-second CPU run on ``world``."""
+    return from_dict(RunConfig, {
+        "out_dir": str(out_dir),
+        "seed": 3,
+        "model": {"name": "tiny-cnn", "embed_dim": 32},
+        "data": {"train": str(world / "train"), "test": str(world / "test"),
+                 "zeroshot": str(world / "zeroshot"), "classes": str(world / "world.json")},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 2e-3, "warmup_steps": 4, "log_every": 1,
+                  "checkpoint_every": 1000, "progress": False, **train},
+        "eval": {"batch_size": 128},
+    })
