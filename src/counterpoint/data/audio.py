@@ -1,16 +1,16 @@
 """Kaldi-compatible log-mel filterbanks in pure torch, plus WAV I/O.
 
-Audio towers pretrained on AudioSet (AST, BEATs, ...) and the balanced-multimodal baselines (OGM-GE) feed
-their models Kaldi ``compute-fbank-feats`` features (Povey et al., "The Kaldi Speech Recognition Toolkit",
-ASRU 2011), usually through ``torchaudio.compliance.kaldi.fbank``. torchaudio has no build for the CPU torch
-this project pins, so the same computation is reimplemented here, vectorised over frames and batch items,
-on whatever device and float dtype the waveform has. Numbers match kaldi-native-fbank to about 1e-4 in
-float32 (see tests/test_audio_fbank.py).
+Audio towers pretrained on AudioSet (AST, BEATs, ...) consume Kaldi ``compute-fbank-feats`` features
+(Povey et al., "The Kaldi Speech Recognition Toolkit", ASRU 2011), usually computed with
+``torchaudio.compliance.kaldi.fbank``. torchaudio has no build for the CPU torch this project pins, so the
+computation is reimplemented here in torch alone, vectorised over frames and batch items, on whatever device
+the waveform lives. On real 16-bit audio it matches kaldi-native-fbank to ~3e-4 (max abs log-mel
+difference, float32; see tests/test_audio_fbank.py).
 
 Scale: Kaldi reads WAV files as raw int16 values, so its features are those of samples in [-32768, 32767].
 :func:`read_wav` returns samples in [-1, 1]; multiply by 32768 before :func:`kaldi_fbank` to reproduce
-Kaldi's (and AST's) numbers exactly. Without the scaling every log-mel value shifts by ``2 * ln(32768)``
-(when ``use_power``) except where the epsilon floor bites.
+Kaldi's (and AST's) numbers. Without the scaling every log-mel value moves by ``-2 ln 32768`` (``-ln 32768``
+with ``use_power=False``), except where the epsilon floor bites.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ _EPS = torch.finfo(torch.float32).eps
 
 @dataclass(frozen=True)
 class FbankConfig:
-    """Options of Kaldi's ``compute-fbank-feats`` (same names and defaults except ``num_mel_bins=128``).
+    """Options of Kaldi's ``compute-fbank-feats``, with Kaldi's defaults except ``num_mel_bins=128`` (AST's
+    choice) and ``dither=0`` (Kaldi's 1.0 makes features random; pretrained towers are fed undithered ones).
 
     ``high_freq <= 0`` means ``nyquist + high_freq`` (Kaldi's convention); ``dither`` is the standard
     deviation of Gaussian noise added to each frame (0 keeps the features deterministic). ``use_energy``
@@ -109,9 +110,9 @@ class FbankConfig:
         return self.num_mel_bins + int(self.use_energy)
 
 
-def _mel(freq: torch.Tensor | float) -> torch.Tensor:
-    """Kaldi's (HTK's) mel scale, ``1127 ln(1 + f / 700)``."""
-    return 1127.0 * torch.log1p(torch.as_tensor(freq, dtype=torch.float64) / 700.0)
+def _mel(freq: torch.Tensor) -> torch.Tensor:
+    """Kaldi's (HTK's) mel scale, ``1127 ln(1 + f / 700)``, evaluated as Kaldi's ``MelScale`` does."""
+    return 1127.0 * torch.log(1.0 + freq / 700.0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -119,20 +120,25 @@ def _mel_banks(config: FbankConfig, device: torch.device, dtype: torch.dtype) ->
     """``[padded_length // 2, num_mel_bins]`` triangular weights, as Kaldi's ``MelBanks`` builds them.
 
     Triangles are equally spaced in mel between ``low_freq`` and ``high_freq`` and evaluated at each FFT
-    bin's centre frequency, strictly inside (left, right) edges. Like Kaldi, only bins ``0 .. N/2 - 1`` are
-    weighted: the Nyquist bin never contributes. Built in float64 (Kaldi uses float32; the difference is
-    ~1e-7 relative) and cached per (config, device, dtype).
+    bin's centre frequency, strictly inside the (left, right) edges. Like Kaldi, only bins ``0 .. N/2 - 1``
+    are weighted: the Nyquist bin never contributes. The arithmetic is Kaldi's, step by step in float32
+    (its ``BaseFloat``): a float64 build moves weights by ~1e-5 where an FFT bin sits near a triangle edge,
+    enough to shift a log-mel value by up to ~3e-4 when a strong harmonic falls in that FFT bin.
+
+    Unlike Kaldi, which refuses a configuration with a triangle that covers no FFT bin, such bins are kept
+    (all-zero, so ``log(eps)`` after the floor), as torchaudio does: AST-style 128 bins at 16 kHz with a
+    512-point FFT leave bin 3 empty, and pretrained audio towers expect exactly those features.
     """
+    f32 = torch.float32
     n_fft_bins = config.padded_length // 2
-    mel_low, mel_high = _mel(config.low_freq), _mel(config.resolved_high_freq)
+    mel_low = _mel(torch.tensor(config.low_freq, dtype=f32))
+    mel_high = _mel(torch.tensor(config.resolved_high_freq, dtype=f32))
     delta = (mel_high - mel_low) / (config.num_mel_bins + 1)
-    edges = mel_low + delta * torch.arange(config.num_mel_bins + 2, dtype=torch.float64)
-    left, center, right = edges[:-2], edges[1:-1], edges[2:]  # [bins] each
-    mel = _mel(torch.arange(n_fft_bins, dtype=torch.float64) * (config.sample_rate / config.padded_length))
-    mel = mel[:, None]  # [fft_bins, 1]
-    up = (mel - left) / (center - left)
-    down = (right - mel) / (right - center)
-    weights = torch.where(mel <= center, up, down)
+    bins = torch.arange(config.num_mel_bins, dtype=f32)
+    left, center, right = mel_low + bins * delta, mel_low + (bins + 1) * delta, mel_low + (bins + 2) * delta
+    bin_width = torch.tensor(config.sample_rate, dtype=f32) / config.padded_length
+    mel = _mel(bin_width * torch.arange(n_fft_bins, dtype=f32))[:, None]  # [fft_bins, 1]
+    weights = torch.where(mel <= center, (mel - left) / (center - left), (right - mel) / (right - center))
     weights = torch.where((mel > left) & (mel < right), weights, 0.0)
     return weights.to(device=device, dtype=dtype)
 
@@ -172,7 +178,7 @@ def _frame(waveform: torch.Tensor, config: FbankConfig) -> torch.Tensor:
     return waveform[:, idx]
 
 
-def kaldi_fbank(waveform: torch.Tensor, config: FbankConfig = FbankConfig()) -> torch.Tensor:  # noqa: B008
+def kaldi_fbank(waveform: torch.Tensor, config: FbankConfig = FbankConfig()) -> torch.Tensor:
     """Kaldi ``compute-fbank-feats`` of ``[samples]`` or ``[batch, samples]`` -> ``[(batch,) frames, bins]``.
 
     Pass int16-scaled samples (``read_wav(...)[0] * 32768``) to reproduce Kaldi's numbers. float64 input is
@@ -186,6 +192,8 @@ def kaldi_fbank(waveform: torch.Tensor, config: FbankConfig = FbankConfig()) -> 
     dtype = torch.float64 if waveform.dtype == torch.float64 else torch.float32
     x = waveform.to(dtype)
     frames = _frame(x if x.dim() == 2 else x[None], config)  # [B, T, L]
+    if frames.shape[1] == 0:  # shorter than one frame; MKL's FFT also rejects empty input
+        return x.new_zeros(*waveform.shape[:-1], 0, config.num_features)
 
     if config.dither > 0:
         frames = frames + config.dither * torch.randn_like(frames)
@@ -212,15 +220,20 @@ def kaldi_fbank(waveform: torch.Tensor, config: FbankConfig = FbankConfig()) -> 
 
 
 def normalize_fbank(
-    feats: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor
+    feats: torch.Tensor,
+    mean: float | torch.Tensor,
+    std: float | torch.Tensor,
+    *,
+    std_multiplier: float = 2.0,
 ) -> torch.Tensor:
-    """Dataset-level standardisation ``(feats - mean) / (2 * std)``, as in AST and OGM-GE.
+    """Dataset-level standardisation ``(feats - mean) / (std_multiplier * std)``.
 
-    AST (Gong et al. 2021) divides by twice the dataset std so that inputs land roughly in [-1, 1]; its
-    AudioSet statistics are ``mean=-4.2677393, std=4.5689974``. ``mean``/``std`` may be scalars or per-bin
-    tensors broadcastable to ``feats``.
+    The default follows AST (Gong et al., Interspeech 2021), which divides by *twice* the dataset std so that
+    inputs land roughly in [-1, 1] (its AudioSet statistics: ``mean=-4.2677393, std=4.5689974``); pass
+    ``std_multiplier=1.0`` for a plain z-score. ``mean``/``std`` may be scalars or per-bin tensors
+    broadcastable to ``feats``.
     """
-    return (feats - mean) / (2.0 * std)
+    return (feats - mean) / (std_multiplier * std)
 
 
 def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
@@ -234,7 +247,11 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
 
 
 def write_wav(path: str | Path, waveform: torch.Tensor, sample_rate: int) -> None:
-    """Write ``[samples]`` or ``[channels, samples]`` floats in [-1, 1] as 16-bit PCM (values are clipped)."""
-    data = waveform.detach().to("cpu", torch.float32).clamp(-1.0, 1.0)
-    data = data.T if data.dim() == 2 else data
-    sf.write(str(path), data.numpy(), sample_rate, subtype="PCM_16")
+    """Write ``[samples]`` or ``[channels, samples]`` floats in [-1, 1] as 16-bit PCM (clipped).
+
+    Quantises here with the same ``32768`` scale :func:`read_wav` divides by, so a read/write round trip of
+    16-bit audio is lossless whatever float->PCM scaling the installed libsndfile uses (it has changed).
+    """
+    data = (waveform.detach().to("cpu", torch.float64) * 32768.0).round().clamp(-32768, 32767)
+    data = data.to(torch.int16)
+    sf.write(str(path), (data.T if data.dim() == 2 else data).numpy(), sample_rate, subtype="PCM_16")
