@@ -61,8 +61,9 @@ class DataConfig:
 class ObjectiveConfig:
     """The training objective (see ``counterpoint.objectives``)."""
 
-    name: Literal["clip", "margin"] = "clip"
-    init_temperature: float = 0.07
+    name: Literal["clip", "siglip", "margin"] = "clip"
+    init_temperature: float = 0.07  # siglip: use 0.1 (scale 10, as the paper)
+    init_logit_bias: float = -10.0  # siglip only
     max_logit_scale: float = 100.0
     margin: float = 1.0
     chunk_size: int = 0  # 0: materialise the logits; >0: stream them in column chunks (big batches)

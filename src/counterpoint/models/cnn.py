@@ -28,7 +28,8 @@ class BasicBlock(nn.Module):
 class ResNetTower(nn.Module):
     """``widths[i]`` channels and ``depths[i]`` blocks in stage i; every stage after the first halves the
     resolution. ``in_channels`` lets the same tower encode spectrograms (1 channel); ``stem_stride=2`` halves
-    the resolution at the stem, which quarters the cost of the first stage (the CPU presets use it)."""
+    the resolution at the stem (space-to-depth), which quarters the cost of the first stage (the CPU presets
+    use it)."""
 
     def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...], embed_dim: int, image_size: int,
                  in_channels: int = 3, stem_stride: int = 1) -> None:
@@ -36,7 +37,10 @@ class ResNetTower(nn.Module):
         if len(widths) != len(depths):
             raise ValueError("widths and depths must have the same length")
         self.image_size = image_size
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False),
+        # A strided stem downsamples by space-to-depth (PixelUnshuffle) before its conv: lossless, unlike a
+        # strided 3x3 conv that skips pixels, which matters when objects are a few pixels wide.
+        down = [nn.PixelUnshuffle(stem_stride)] if stem_stride > 1 else []
+        self.stem = nn.Sequential(*down, nn.Conv2d(in_channels * stem_stride**2, widths[0], 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages = []
         cin = widths[0]

@@ -64,8 +64,9 @@ def in_batch_margin_loss(u: torch.Tensor, v_all: torch.Tensor, margin: float, of
 class ContrastiveTask:
     """Wraps a :class:`TwoTower` and a contrastive loss: ``task(batch) -> (losses, metrics)``.
 
-    ``loss`` is ``"clip"`` (InfoNCE) or ``"margin"``. ``chunk_size > 0`` streams the InfoNCE logits in column
-    chunks so memory grows with B rather than B^2 (see ``counterpoint.objectives.chunked``).
+    ``loss`` is ``"clip"`` (InfoNCE), ``"siglip"`` (pairwise sigmoid; the model needs a ``logit_bias``) or
+    ``"margin"``. ``chunk_size > 0`` streams the InfoNCE logits in tiles so memory grows with B rather than
+    B^2; SigLIP is always computed in tiles (``chunk_size`` or 4096), which costs nothing at small B.
     """
 
     model: TwoTower
@@ -85,10 +86,17 @@ class ContrastiveTask:
                 loss = chunked_infonce_loss(u, v, u_all, v_all, self.model.logit_scale, offset, self.chunk_size)
             else:
                 loss = infonce_loss(u, v, u_all, v_all, self.model.logit_scale, offset)
+        elif self.loss == "siglip":
+            from counterpoint.objectives.chunked import chunked_siglip_loss
+
+            if self.model.logit_bias is None:
+                raise ValueError("siglip needs a model built with a logit bias (init_logit_bias=-10)")
+            loss = chunked_siglip_loss(u, v_all, self.model.logit_scale, self.model.logit_bias, offset,
+                                       self.chunk_size or 4096)
         elif self.loss == "margin":
             loss = in_batch_margin_loss(u, v_all, self.margin, offset)
         else:
-            raise ValueError(f"unknown contrastive loss {self.loss!r}; use 'clip' or 'margin'")
+            raise ValueError(f"unknown contrastive loss {self.loss!r}; use 'clip', 'siglip' or 'margin'")
         with torch.no_grad():
             sim = u @ v_all.T
             acc = (sim.argmax(dim=1) == torch.arange(u.shape[0], device=u.device) + offset).float().mean()

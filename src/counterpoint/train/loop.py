@@ -53,7 +53,8 @@ def load_run_model(path: str | Path, device: str | torch.device = "cpu") -> tupl
     meta = ckpt.read_state(folder)
     spec = _spec_from_json(meta["model_spec"])
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json", spec.context_length)
-    model = build_model(spec, pad_id=tokenizer.pad_id, eot_id=tokenizer.eot_id)
+    bias = 0.0 if meta.get("logit_bias") else None  # the value comes from the weights
+    model = build_model(spec, init_logit_bias=bias, pad_id=tokenizer.pad_id, eot_id=tokenizer.eot_id)
     ckpt.load_model_weights(folder, model)
     return model.to(device).eval(), tokenizer, meta
 
@@ -124,7 +125,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         spec = dataclasses.replace(spec, vocab_size=tokenizer.vocab_size)
     tokens = tokenizer(pairs.captions)  # [N, L], tokenised once for the whole run
 
-    model = build_model(spec, cfg.objective.init_temperature, pad_id=tokenizer.pad_id,
+    bias = cfg.objective.init_logit_bias if cfg.objective.name == "siglip" else None
+    model = build_model(spec, cfg.objective.init_temperature, bias, pad_id=tokenizer.pad_id,
                         eot_id=tokenizer.eot_id).to(device)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps)
     start_step = 0
@@ -140,6 +142,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     total_steps = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     end_step = min(total_steps, cfg.train.max_steps or total_steps)
     extra = {"model_spec": dataclasses.asdict(spec), "model_name": cfg.model.name, "total_steps": total_steps,
+             "logit_bias": model.logit_bias is not None,
              "data_skipped": pairs.skips.as_dict()}
     (run_dir / "data.json").write_text(json.dumps({"train": {"pairs": len(pairs), "skipped": pairs.skips.as_dict()}}))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
