@@ -22,7 +22,8 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
 
     try:
         wcfg = WorldConfig(seed=args.seed, image_size=args.image_size, caption_mode=args.captions,
-                           mismatch_fraction=args.mismatch, num_heldout=args.heldout)
+                           mismatch_fraction=args.mismatch, num_heldout=args.heldout,
+                           position_prob=args.position_prob, audio_snr_db=args.audio_snr_db)
     except ValueError as exc:
         raise UserError(f"data make world: {exc}") from None
     info = make_world(args.out, wcfg, args.format, args.train, args.test, args.zeroshot, args.stories,
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--audio", action="store_true", help="also write an audio clip per sample")
     make.add_argument("--captions", choices=["literal", "weak"], default="literal")
     make.add_argument("--mismatch", type=float, default=0.0, help="fraction of mismatched (noisy) pairs")
+    make.add_argument("--position-prob", type=float, default=0.5,
+                      help="probability that a literal caption names where objects are")
+    make.add_argument("--audio-snr-db", type=float, default=20.0, help="audio noise knob (lower is harder)")
     make.add_argument("--heldout", type=int, default=8, help="colour-shape combinations kept out of training")
     make.add_argument("--image-size", type=int, default=32)
     make.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png")

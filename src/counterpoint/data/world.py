@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -87,6 +87,10 @@ SINGLE_TEMPLATES: tuple[str, ...] = (
     "an image with a {o} {p}.", "we see a {o} {p}.", "a {o} sits {p}.", "a photo showing a {o} {p}.",
     "only a {o}, {p}.",
 )
+PLAIN_TEMPLATES: tuple[str, ...] = (
+    "a {o}.", "there is a {o}.", "a picture of a {o}.", "one {o}.", "an image with a {o}.", "we see a {o}.",
+    "a photo showing a {o}.", "only a {o}.",
+)
 MULTI_TEMPLATES: tuple[str, ...] = (
     "{L}.", "a scene with {L}.", "there is {L}.", "this image shows {L}.", "a picture of {L}.",
     "we see {L}.", "{L}, nothing else.", "a photo with {L}.",
@@ -133,6 +137,10 @@ class WorldConfig:
     audio_seconds: float = 0.5
     audio_snr_db: float = 20.0  # the audio modality's knob: lower is harder
     weak_drop: float = 0.5  # weak mode: probability of dropping each optional attribute
+    # Literal captions name an object's place with this probability. Always naming it makes colour + place
+    # enough to tell most images in a batch apart, and contrastive training then never needs to learn shape
+    # (a shortcut); leaving it out half the time puts shape back into the hard negatives.
+    position_prob: float = 0.5
     object_probs: tuple[float, ...] = field(default=(0.4, 0.35, 0.25))
 
     def __post_init__(self) -> None:
@@ -231,7 +239,7 @@ def _shape_polygon(shape: str, r: float, c: float, rot: float) -> list[tuple[flo
     raise AssertionError(f"no polygon for {shape}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_mask(shape: str, diameter: int, variant: int) -> np.ndarray:
     """Anti-aliased alpha mask [diameter, diameter] in [0, 1], drawn at 4x and box-filtered down.
 
@@ -308,15 +316,18 @@ def _join(parts: list[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def literal_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption that names every object's size, colour, shape and place."""
+def literal_caption(scene: Scene, rng: np.random.Generator, position_prob: float = 1.0) -> str:
+    """A caption that names every object's size, colour and shape, and its place with ``position_prob``."""
+    with_cell = bool(rng.random() < position_prob)
     if len(scene.objects) == 1:
         obj = scene.objects[0]
+        phrase = describe_object(obj, rng, with_cell=False)
+        if not with_cell:
+            return _pick(rng, PLAIN_TEMPLATES).format(o=phrase)
         cell = _pick(rng, CELLS[obj.cell])
-        return _pick(rng, SINGLE_TEMPLATES).format(o=describe_object(obj, rng, with_cell=False),
-                                                   p=cell, P=cell[0].upper() + cell[1:])
+        return _pick(rng, SINGLE_TEMPLATES).format(o=phrase, p=cell, P=cell[0].upper() + cell[1:])
     order = rng.permutation(len(scene.objects))
-    parts = ["a " + describe_object(scene.objects[i], rng) for i in order]
+    parts = ["a " + describe_object(scene.objects[i], rng, with_cell) for i in order]
     return _pick(rng, MULTI_TEMPLATES).format(L=_join(parts))
 
 
@@ -425,7 +436,7 @@ class World:
     def _caption(self, scene: Scene, rng: np.random.Generator) -> str:
         if self.cfg.caption_mode == "weak":
             return weak_caption(scene, rng, self.cfg.weak_drop)
-        return literal_caption(scene, rng)
+        return literal_caption(scene, rng, self.cfg.position_prob)
 
     def pair(self, split: str, index: int, with_audio: bool = False) -> WorldSample:
         """Image-caption pair ``index`` of ``split``. Training scenes avoid held-out combinations; other
@@ -451,7 +462,7 @@ class World:
         obj = WorldObject(shape, colour, SIZES[rng.integers(2)], int(rng.integers(9)))
         scene = Scene((obj,))
         image = render_scene(scene, rng, self.cfg)
-        caption = literal_caption(scene, rng)
+        caption = literal_caption(scene, rng, self.cfg.position_prob)
         audio = synthesize_audio(scene, rng, self.cfg) if with_audio else None
         return WorldSample(f"zeroshot-{index:08d}", image, caption, scene, scene.label,
                            (colour, shape) in self.heldout, audio)
