@@ -217,7 +217,8 @@ def _shape_polygon(shape: str, r: float, c: float, rot: float) -> list[tuple[flo
     if shape == "square":
         return regular(4, r * 1.05, math.pi / 4)
     if shape == "triangle":
-        return regular(3, r * 1.1, -math.pi / 2)
+        # Shifted down by r/4 so the triangle's centroid, not its circumcentre, sits at the cell centre.
+        return [(x, y + r * 0.25) for x, y in regular(3, r * 1.2, -math.pi / 2)]
     if shape == "hexagon":
         return regular(6, r, 0.0)
     if shape == "diamond":
@@ -274,7 +275,9 @@ def render_scene(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> np
     img += rng.normal(0.0, cfg.background_noise, size=(s, s, 3)).astype(np.float32)
     cell = s / 3
     for obj in scene.objects:
-        frac = 0.26 if obj.size == "small" else 0.42
+        # Small objects must stay legible (at 32 px a 0.26 fraction left 8 px stars and hexagons as blobs);
+        # large ones may overlap a neighbouring cell slightly.
+        frac = 0.33 if obj.size == "small" else 0.47
         diameter = max(5, int(round(s * frac * rng.uniform(0.92, 1.08))))
         mask = shape_mask(obj.shape, diameter, int(rng.integers(4)))
         row, col = divmod(obj.cell, 3)

@@ -52,7 +52,8 @@ def in_batch_margin_loss(u: torch.Tensor, v_all: torch.Tensor, margin: float, of
     A batch of B has B positives and B(G-1) negatives; averaging them together would let negatives swamp
     the positives, so each group is averaged on its own: this is the pair formula on a balanced pair set.
     """
-    d = torch.cdist(_at_least_fp32(u), _at_least_fp32(v_all))  # [B, G] Euclidean distances between unit vectors, in [0, 2]
+    # [B, G] Euclidean distances between unit vectors, in [0, 2]
+    d = torch.cdist(_at_least_fp32(u), _at_least_fp32(v_all))
     positive = torch.zeros_like(d, dtype=torch.bool)
     positive[torch.arange(u.shape[0]), torch.arange(u.shape[0]) + offset] = True
     pos = margin_contrastive_loss(d[positive], torch.ones_like(d[positive]), margin)
