@@ -26,7 +26,8 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "ring")
+# Eight shapes that stay distinct at ~10 px (a hexagon did not: it read as a circle or a square).
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "crescent", "cross", "diamond", "ring")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
     "green": (35, 175, 55),
@@ -56,7 +57,7 @@ SHAPE_WORDS: dict[str, tuple[str, ...]] = {
     "square": ("square", "box"),
     "triangle": ("triangle", "three-sided shape"),
     "star": ("star", "five-pointed star"),
-    "hexagon": ("hexagon", "six-sided shape"),
+    "crescent": ("crescent", "moon", "half-moon"),
     "cross": ("cross", "plus sign"),
     "diamond": ("diamond", "rhombus"),
     "ring": ("ring", "hoop", "donut"),
@@ -75,7 +76,7 @@ SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), 
 # Loose vocabulary for weakly correlated text.
 COLOUR_FAMILY = {"red": "warm", "orange": "warm", "yellow": "warm", "pink": "warm",
                  "green": "cool", "blue": "cool", "purple": "cool", "cyan": "cool"}
-SHAPE_FAMILY = {"circle": "round", "ring": "round", "hexagon": "round", "square": "angular",
+SHAPE_FAMILY = {"circle": "round", "ring": "round", "crescent": "round", "square": "angular",
                 "diamond": "angular", "triangle": "pointy", "star": "pointy", "cross": "angular"}
 FILLERS: tuple[str, ...] = (
     "on a quiet afternoon", "as the light fades", "in my notebook", "says the caption", "from last week",
@@ -219,8 +220,6 @@ def _shape_polygon(shape: str, r: float, c: float, rot: float) -> list[tuple[flo
     if shape == "triangle":
         # Shifted down by r/4 so the triangle's centroid, not its circumcentre, sits at the cell centre.
         return [(x, y + r * 0.25) for x, y in regular(3, r * 1.2, -math.pi / 2)]
-    if shape == "hexagon":
-        return regular(6, r, 0.0)
     if shape == "diamond":
         return [(c + x * math.cos(rot) - y * math.sin(rot), c + x * math.sin(rot) + y * math.cos(rot))
                 for x, y in ((0, -r * 1.1), (r * 0.7, 0), (0, r * 1.1), (-r * 0.7, 0))]
@@ -255,6 +254,10 @@ def shape_mask(shape: str, diameter: int, variant: int) -> np.ndarray:
     rot = (variant - 1.5) * 0.12
     if shape == "circle":
         draw.ellipse([c - r, c - r, c + r, c + r], fill=255)
+    elif shape == "crescent":
+        draw.ellipse([c - r, c - r, c + r, c + r], fill=255)
+        shift = r * (0.8 + 0.1 * rot)  # the bite's offset varies a little with the variant
+        draw.ellipse([c - r + shift, c - r - shift * 0.3, c + r + shift, c + r - shift * 0.3], fill=0)
     elif shape == "ring":
         draw.ellipse([c - r, c - r, c + r, c + r], fill=255)
         inner = r * 0.5
