@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +130,3 @@ def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, meta: dic
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def spec_to_json(spec: Any) -> dict[str, Any]:
-    return asdict(spec)

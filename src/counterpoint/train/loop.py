@@ -152,7 +152,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     log = open(run_dir / "metrics.jsonl", "a")
     bar = tqdm(total=(end_step - start_step) * bs, unit=" samples", unit_scale=True, desc="train",
                disable=not cfg.train.progress, dynamic_ncols=True)
-    t_last, step = time.perf_counter(), start_step
+    t_last = time.perf_counter()
     batches = batch_indices(len(pairs), bs, cfg.seed, start_step)
     try:
         for step, idx in batches:
@@ -190,7 +190,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     finally:
         bar.close()
         log.close()
-    final_step = max(start_step, min(end_step, step + 1) if end_step > start_step else start_step)
+    final_step = max(start_step, end_step)  # the loop only leaves early by an exception
     ckpt.save_checkpoint(run_dir / "checkpoints", final_step, model, optimizer, tokenizer.hf.to_str(), extra,
                          cfg.train.keep_checkpoints)
     finalize_run(run_dir, model, tokenizer, cfg, device, final_step)
