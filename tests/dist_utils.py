@@ -1,0 +1,82 @@
+"""Run a test function in N real processes (``torch.multiprocessing`` spawn, gloo on CPU, localhost TCP).
+
+``run_distributed(fn, world_size, *args)`` starts ``world_size`` fresh interpreters, joins them into one gloo
+process group via ``init_method="tcp://127.0.0.1:<free port>"``, calls ``fn(rank, world_size, *args)`` in each
+and returns the list of their return values, ordered by rank. Results travel as ``torch.save`` files in a
+temporary directory (tensors, dicts, numbers). A worker exception fails the caller with the worker's
+traceback; a worker that hangs (e.g. a collective its peer never joins) is killed after ``timeout`` seconds
+and the call raises ``TimeoutError``. ``fn`` and ``args`` must be picklable: define ``fn`` at module level.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["free_port", "run_distributed"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, timeout: float,
+            args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout))
+    try:
+        result = fn(rank, world_size, *args)
+        tmp = Path(out_dir) / f"rank{rank}.pt.tmp"
+        torch.save(result, tmp)
+        os.replace(tmp, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # nobody tears the group down while a peer still needs it
+    finally:
+        dist.destroy_process_group()
+
+
+def _kill(ctx: mp.ProcessContext) -> None:
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    for p in ctx.processes:
+        p.join(5)
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+    """``[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]``, each in its own process.
+
+    Raises ``RuntimeError`` (with the worker's traceback) if a worker raised or died, ``TimeoutError`` if they
+    did not all finish within ``timeout`` seconds. The port is retried if another program grabbed it first.
+    """
+    for attempt in range(3):
+        with tempfile.TemporaryDirectory(prefix="cp-dist-") as out_dir:
+            ctx = mp.start_processes(_worker, args=(fn, world_size, free_port(), out_dir, timeout, args),
+                                     nprocs=world_size, join=False, start_method="spawn")
+            deadline = time.monotonic() + timeout
+            try:
+                while not ctx.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=2.0):
+                    if time.monotonic() >= deadline:
+                        _kill(ctx)
+                        raise TimeoutError(f"{world_size} workers running {fn.__name__} did not finish within "
+                                           f"{timeout:.0f} s")
+            except mp.ProcessException as e:
+                _kill(ctx)
+                if "Address already in use" in str(e) and attempt < 2:
+                    continue
+                raise RuntimeError(f"a worker running {fn.__name__} failed:{e}") from None
+            return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    raise AssertionError("unreachable")
