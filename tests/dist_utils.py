@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessContext, ProcessException
 
 __all__ = ["free_port", "run_distributed"]
 
@@ -37,9 +39,13 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_d
             args: tuple[Any, ...]) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout))
+                            timeout=timedelta(seconds=timeout + 10))  # the parent's deadline fires first
     try:
-        result = fn(rank, world_size, *args)
+        try:
+            result = fn(rank, world_size, *args)
+        except BaseException:
+            (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+            raise
         tmp = Path(out_dir) / f"rank{rank}.pt.tmp"
         torch.save(result, tmp)
         os.replace(tmp, Path(out_dir) / f"rank{rank}.pt")
@@ -48,7 +54,7 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_d
         dist.destroy_process_group()
 
 
-def _kill(ctx: mp.ProcessContext) -> None:
+def _kill(ctx: ProcessContext) -> None:
     for p in ctx.processes:
         if p.is_alive():
             p.kill()
@@ -73,10 +79,12 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                         _kill(ctx)
                         raise TimeoutError(f"{world_size} workers running {fn.__name__} did not finish within "
                                            f"{timeout:.0f} s")
-            except mp.ProcessException as e:
+            except ProcessException as e:
                 _kill(ctx)
                 if "Address already in use" in str(e) and attempt < 2:
                     continue
-                raise RuntimeError(f"a worker running {fn.__name__} failed:{e}") from None
+                errors = "".join(f"\n-- rank {p.stem[4:]} raised:\n{p.read_text()}"
+                                 for p in sorted(Path(out_dir).glob("rank*.err")))
+                raise RuntimeError(f"a worker running {fn.__name__} failed:{errors or e}") from None
             return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
     raise AssertionError("unreachable")

@@ -71,7 +71,7 @@ def test_public_api_loads_the_checkpoint(trained_run: Path) -> None:
     images = torch.randint(0, 256, (3, 3, model.image_size, model.image_size), dtype=torch.uint8)
     u = counterpoint.encode_image(model, images)
     v = counterpoint.encode_text(model, tokenizer, ["a red circle.", "a big blue star at the top left."])
-    assert u.shape == (3, 32) and v.shape == (2, 32)
+    assert u.shape[0] == 3 and v.shape[0] == 2 and u.shape[1] == v.shape[1]
     torch.testing.assert_close(u.norm(dim=-1), torch.ones(3))
     assert counterpoint.get_tokenizer(trained_run).vocab_size == tokenizer.vocab_size
 
