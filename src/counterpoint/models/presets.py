@@ -80,6 +80,8 @@ def build_model(spec: ModelSpec, init_temperature: float = 0.07, init_logit_bias
     return TwoTower(visual, text, init_temperature, init_logit_bias)
 
 
-def create_model(name: str, init_temperature: float = 0.07, **overrides: object) -> TwoTower:
-    """Build the preset ``name`` (see ``MODEL_PRESETS``), e.g. ``create_model("tiny-vit", embed_dim=64)``."""
-    return build_model(resolve_spec(name, **overrides), init_temperature)
+def create_model(name: str, init_temperature: float = 0.07, init_logit_bias: float | None = None,
+                 **overrides: object) -> TwoTower:
+    """Build the preset ``name`` (see ``MODEL_PRESETS``), e.g. ``create_model("tiny-vit", embed_dim=64)``.
+    For SigLIP pass ``init_temperature=0.1, init_logit_bias=-10.0`` (the paper's initialisation)."""
+    return build_model(resolve_spec(name, **overrides), init_temperature, init_logit_bias)
