@@ -19,7 +19,8 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
 def plot_curves(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """``loss.png`` (every loss term), ``temperature.png`` and ``lr.png`` from metrics.jsonl rows."""
     written = []
-    loss_keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith("loss/")})
+    terms = sorted({k for r in rows for k in r if k.startswith("loss/")})
+    loss_keys = ["loss", *terms] if len(terms) > 1 else ["loss"]  # one term is the total: draw it once
     panels = [("loss.png", loss_keys, "loss", True), ("temperature.png", ["temperature"], "temperature", True),
               ("lr.png", ["lr"], "learning rate", False)]
     for name, keys, ylabel, logy in panels:
