@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from counterpoint.config import RunConfig, from_dict
 from counterpoint.data.make_world import make_world
@@ -30,3 +32,12 @@ def tiny_config(world: Path, out_dir: Path, **train: object) -> RunConfig:
                   "checkpoint_every": 1000, "progress": False, **train},
         "eval": {"batch_size": 128},
     })
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny float64 models: one intra-op thread is fastest and is not slowed by a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

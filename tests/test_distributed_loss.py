@@ -26,7 +26,6 @@ Float64 throughout, so the equality checks are tight.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,13 +49,7 @@ FEATURE_LOSSES = ["infonce", "chunked_infonce", "siglip", "wrong_local_no_grad",
 DDP_CASES = [("clip", 0), ("clip", CHUNK), ("siglip", 0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny float64 models: one intra-op thread is fastest and is not slowed by a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------
