@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers  # noqa: F401 -- imported so env_info records its version
 
     meta = env_info()
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     print(machine_line(meta), flush=True)
     # The fp32 peak always (it is the machine's reference); the bf16 one when bf16 is timed.
     peaks_full = {"fp32": matmul_peak(args.peak_sizes, args.peak_repeats, "float32")}
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     profiles: list[dict] = []
     for name in args.models:
         r, p = bench_model(name, args, peaks)
-        records += r
+        records += [{"run": run_id, **x} for x in r]
         profiles += p
 
     old: dict[str, Any] = {}
@@ -348,8 +349,10 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(md)
     meta["command_args"] = vars(args) | {"out": str(args.out)}
-    run = {"meta": meta, "matmul_peak": peaks_full, "models": args.models, "precisions": args.precisions}
-    runs = old.get("runs", []) + [run]
+    run = {"run": run_id, "meta": meta, "matmul_peak": peaks_full, "models": args.models,
+           "precisions": args.precisions}
+    used = {r.get("run") for r in records}  # runs whose records were all replaced are dropped
+    runs = [x for x in old.get("runs", []) if x.get("run") in used] + [run]
     write_json(args.out, {"runs": runs, "records": records, "profiles": profiles, "table_markdown": md})
 
 

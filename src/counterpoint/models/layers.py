@@ -22,7 +22,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal and mask is None)
+        # unbind, not qkv[0..2]: indexing's backward allocates and sums three full-size zero tensors per layer.
+        q, k, v = qkv.unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
