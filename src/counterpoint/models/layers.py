@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a padded ``[B, L]`` batch sit: ``index`` holds their flat positions in
+    ``B * L``. Blocks run their per-token layers (norms, qkv, projections, MLP) on the ``[N, C]`` packed real
+    tokens only and pad to ``[B, L, C]`` just around attention, so padding costs no matmul FLOPs (the
+    "unpadding" of MosaicBERT / FlashAttention varlen). On the built-in world captions average 17.5 of 32
+    tokens, so this removes ~45% of the text tower's work; the outputs at real tokens are unchanged."""
+
+    index: torch.Tensor  # [N] int64
+    batch: int
+    length: int
+
+    @classmethod
+    def from_mask(cls, keep: torch.Tensor) -> Packing:
+        return cls(keep.flatten().nonzero().squeeze(1), keep.shape[0], keep.shape[1])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, L, C]`` -> ``[N, C]``."""
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C]`` -> ``[B, L, C]`` with zeros at padding."""
+        out = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.length, -1)
 
 
 class Attention(nn.Module):
@@ -19,13 +47,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                packing: Packing | None = None) -> torch.Tensor:
+        """``x``: ``[B, N, C]``, or ``[T, C]`` packed real tokens when ``packing`` is given (same layout out)."""
+        qkv = self.qkv(x)
+        if packing is not None:
+            qkv = packing.pad(qkv)  # [B, N, 3C]
+        b, n, c3 = qkv.shape
+        c = c3 // 3
+        qkv = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
         # unbind, not qkv[0..2]: indexing's backward allocates and sums three full-size zero tensors per layer.
         q, k, v = qkv.unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+        y = y.transpose(1, 2).reshape(b, n, c)
+        return self.proj(packing.pack(y) if packing is not None else y)
 
 
 class MLP(nn.Module):
@@ -49,8 +84,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), mask, causal)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask, causal, packing)
         return x + self.mlp(self.ln2(x))
 
 
@@ -61,12 +97,13 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(layers))
         self.grad_checkpointing = grad_checkpointing
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                packing: Packing | None = None) -> torch.Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, causal, packing, use_reentrant=False)
             else:
-                x = block(x, mask, causal)
+                x = block(x, mask, causal, packing)
         return x
 
 

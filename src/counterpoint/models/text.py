@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from counterpoint.models.layers import Transformer, init_transformer
+from counterpoint.models.layers import Packing, Transformer, init_transformer
 
 
 class TextTransformer(nn.Module):
@@ -28,15 +28,19 @@ class TextTransformer(nn.Module):
         init_transformer(self, layers)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, L]`` ids -> ``[B, L, width]`` after the final norm."""
-        x = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
+        """``[B, L]`` ids -> ``[B, L, width]`` after the final norm (zeros at padding).
+
+        Padding never influences a real token (causal: it comes after ``<eot>``; mean pool: it is masked out
+        as a key), so the blocks run on the packed real tokens only (see ``Packing``)."""
+        keep = tokens != self.pad_id  # [B, L]
+        packing = Packing.from_mask(keep)
+        x = packing.pack(self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]])  # [T, width]
         if self.pool == "eot":
             # Causal: position t sees only <= t, so the <eot> token summarises the whole text (as CLIP).
-            x = self.transformer(x, causal=True)
+            x = self.transformer(x, causal=True, packing=packing)
         else:
-            keep = tokens != self.pad_id  # [B, L]; padding is never attended to
-            x = self.transformer(x, mask=keep[:, None, None, :])
-        return self.ln_final(x)
+            x = self.transformer(x, mask=keep[:, None, None, :], packing=packing)
+        return packing.pad(self.ln_final(x))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.forward_tokens(tokens)
