@@ -31,8 +31,9 @@ class Packing:
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C]`` -> ``[B, L, C]`` with zeros at padding."""
-        out = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
-        return out.view(self.batch, self.length, -1)
+        # In place into fresh zeros: the out-of-place index_copy would clone the zeros first.
+        out = x.new_zeros(self.batch * self.length, x.shape[-1])
+        return out.index_copy_(0, self.index, x).view(self.batch, self.length, -1)
 
 
 class Attention(nn.Module):
