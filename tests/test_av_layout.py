@@ -12,13 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from counterpoint.cli import main
 from counterpoint.data.audio import FbankConfig, kaldi_fbank, read_wav, write_wav
-from counterpoint.data.av_layout import AVLayoutConfig, natural_key, read_av_layout
+from counterpoint.data.av_layout import AVLayoutConfig, clip_frames, natural_key, read_av_layout
 from counterpoint.data.multimodal import ModalDataset
 from counterpoint.errors import DataError
 
@@ -225,3 +226,17 @@ def test_cli_missing_root_exits_2_without_traceback(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("counterpoint: error: audio-visual data root")
     assert str(missing) in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_large_frames_are_centre_cropped_and_resized(tmp_path: Path) -> None:
+    # 160x120, left half red, right half blue: the 120x120 centre crop is split at its middle column.
+    # (At 16 px the JPEG is decoded at a reduced scale; the geometry must not change.)
+    arr = np.zeros((120, 160, 3), dtype=np.uint8)
+    arr[:, :80] = (230, 20, 20)
+    arr[:, 80:] = (20, 20, 230)
+    (tmp_path / "clip").mkdir()
+    Image.fromarray(arr).save(tmp_path / "clip" / "0.jpg", quality=95)
+    frames = clip_frames(tmp_path / "clip", AVLayoutConfig(frames=2, image_size=16)).int()  # [2, 3, 16, 16]
+    assert frames.shape == (2, 3, 16, 16) and torch.equal(frames[0], frames[1])
+    assert (frames[0, 0, :, :7] > 200).all() and (frames[0, 2, :, :7] < 50).all()
+    assert (frames[0, 2, :, 9:] > 200).all() and (frames[0, 0, :, 9:] < 50).all()

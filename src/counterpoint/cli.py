@@ -79,7 +79,7 @@ def _cmd_data_av_features(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"data av-features: {exc}") from None
     t0 = time.perf_counter()
-    dataset = read_av_layout(args.root, cfg)
+    dataset = read_av_layout(args.root, cfg, progress=not args.quiet)
     _write_modal(dataset, args.out, time.perf_counter() - t0)
     skipped = dataset.info["skipped"]
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(skipped["by_reason"].items()))
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--image-size", type=int, default=112)
     av.add_argument("--val-fraction", type=float, default=0.1, help="of train, used when there is no val CSV")
     av.add_argument("--seed", type=int, default=0)
+    av.add_argument("--quiet", action="store_true")
     av.set_defaults(func=_cmd_data_av_features)
 
     tr = sub.add_parser("train", help="pretrain, evaluate and report")

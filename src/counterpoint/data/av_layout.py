@@ -49,6 +49,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from counterpoint.data.audio import FbankConfig, kaldi_fbank, read_wav
 from counterpoint.data.multimodal import SPLITS, ModalDataset, ModalSplit
@@ -160,6 +161,9 @@ def clip_frames(folder: Path, cfg: AVLayoutConfig) -> torch.Tensor:
     for i in pick:
         try:
             with Image.open(files[i]) as img:
+                # JPEG only: decode at the smallest 1/2^k scale still >= the target (DCT-domain scaling),
+                # about 2x faster for video-sized frames; the resize below then does less work too.
+                img.draft("RGB", (cfg.image_size, cfg.image_size))
                 images.append(to_square_array(img.convert("RGB"), cfg.image_size))  # [S, S, 3]
         except _IMAGE_ERRORS:
             raise SkipClip("corrupt_frame", files[i].name) from None
@@ -191,7 +195,7 @@ def _split_rows(root: Path, cfg: AVLayoutConfig, skips: SkipStats) -> dict[str, 
     return {s: rows[s] for s in SPLITS}
 
 
-def read_av_layout(root: str | Path, cfg: AVLayoutConfig = AVLayoutConfig()) -> ModalDataset:
+def read_av_layout(root: str | Path, cfg: AVLayoutConfig = AVLayoutConfig(), progress: bool = False) -> ModalDataset:
     """Read every split of the layout at ``root``; bad clips are skipped and counted (``info["skipped"]``)."""
     root = Path(root)
     if not root.is_dir():
@@ -207,7 +211,8 @@ def read_av_layout(root: str | Path, cfg: AVLayoutConfig = AVLayoutConfig()) -> 
         audio = torch.empty(len(split_rows), cfg.audio_frames, cfg.num_mel_bins)  # filled up to n, then cut
         visual = torch.empty(len(split_rows), cfg.frames, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
         labels, kept = [], []
-        for clip, label, where in split_rows:
+        for clip, label, where in tqdm(split_rows, desc=f"av/{split}", unit=" clips", disable=not progress,
+                                       leave=False):
             try:
                 if label not in index:
                     raise SkipClip("unknown_label", label)
