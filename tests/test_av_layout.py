@@ -7,6 +7,7 @@ missing WAV, missing frame folder, undecodable frame, unknown label, a clip list
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -21,7 +22,10 @@ from counterpoint.cli import main
 from counterpoint.data.audio import FbankConfig, kaldi_fbank, read_wav, write_wav
 from counterpoint.data.av_layout import AVLayoutConfig, clip_frames, natural_key, read_av_layout
 from counterpoint.data.multimodal import ModalDataset
+from counterpoint.data.resample import resample
 from counterpoint.errors import DataError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SR = 16000
 T, K, S = 60, 3, 16  # fbank frames, video frames, image side
@@ -193,6 +197,19 @@ def test_missing_pieces_are_data_errors(av_root: Path, tmp_path: Path) -> None:
         AVLayoutConfig(frames=0)
     with pytest.raises(ValueError, match="sample_rate must be positive"):
         AVLayoutConfig(sample_rate=0)
+
+
+def test_resample_keeps_clips_at_other_rates(av_root: Path, dataset: ModalDataset) -> None:
+    ds = read_av_layout(av_root, dataclasses.replace(CFG, resample=True))
+    assert ds.info["skipped"]["by_reason"] == {k: v for k, v in EXPECTED_SKIPS.items() if k != "wrong_sample_rate"}
+    split, i = _row(ds, "3002_HAP")  # 8,000 samples written at 8 kHz: 1 s, 16,000 samples after resampling
+    wave, rate = read_wav(av_root / "audio" / "3002_HAP.wav")
+    ref = kaldi_fbank(resample(wave, rate, SR) * 32768.0, FbankConfig(num_mel_bins=40))  # [98, 40]
+    assert rate == 8000 and ref.shape[0] == 98
+    assert torch.equal(ds.splits[split].inputs["audio"][i], ref[:T])
+    # Clips already at the configured rate are read exactly as without resampling.
+    assert ds.info["clips"]["train"][:3] == dataset.info["clips"]["train"][:3]
+    assert torch.equal(ds.splits["train"].inputs["audio"][:3], dataset.splits["train"].inputs["audio"][:3])
 
 
 def test_cli_writes_the_dataset_and_reports_skips(dataset: ModalDataset, av_root: Path, tmp_path: Path,

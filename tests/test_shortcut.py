@@ -15,6 +15,8 @@ from counterpoint.data.multimodal import ModalDataset
 from counterpoint.data.shortcut import ShortcutConfig, class_colours, make_shortcut, shortcut_sample
 from counterpoint.data.world import COLOUR_NAMES, COLOURS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PALETTE = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32)  # [8, 3]
 
 

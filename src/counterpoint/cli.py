@@ -73,7 +73,7 @@ def _cmd_data_av_features(args: argparse.Namespace) -> int:
 
     try:
         cfg = AVLayoutConfig(split_file=args.split_file, audio_dir=args.audio_dir, audio_file=args.audio_file,
-                             visual_dir=args.visual_dir, sample_rate=args.sample_rate,
+                             visual_dir=args.visual_dir, sample_rate=args.sample_rate, resample=args.resample,
                              num_mel_bins=args.num_mel_bins, audio_frames=args.audio_frames, frames=args.frames,
                              image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed)
     except ValueError as exc:
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--audio-dir", default="audio")
     av.add_argument("--audio-file", default="{clip}.wav", help="WAV name inside --audio-dir")
     av.add_argument("--visual-dir", default="visual", help="holds one folder of frames per clip")
-    av.add_argument("--sample-rate", type=int, default=16000, help="WAVs at another rate are skipped")
+    av.add_argument("--sample-rate", type=int, default=16000)
+    av.add_argument("--resample", action="store_true", help="resample WAVs at another rate (default: skip them)")
     av.add_argument("--num-mel-bins", type=int, default=128)
     av.add_argument("--audio-frames", type=int, default=300, help="fbank frames per clip (10 ms each)")
     av.add_argument("--frames", type=int, default=3, help="video frames per clip")

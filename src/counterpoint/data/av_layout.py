@@ -24,9 +24,10 @@ Per clip the dataset holds
 * ``visual``: uint8 ``[K, 3, S, S]``, ``K = frames`` images sampled evenly (the centre of each of ``K``
   equal segments of the frame list; fewer files than ``K`` repeat), centre-cropped to a square and resized.
 
-A bad clip never stops the run: a missing or corrupt WAV, a WAV at another sample rate, a missing or empty
-frame folder, an undecodable frame, an unknown label, a malformed row or a clip already seen (in this or an
-earlier split, so test never overlaps train) is skipped and counted by reason in a :class:`SkipStats`.
+A bad clip never stops the run: a missing or corrupt WAV, a WAV at another sample rate (unless ``resample``
+is set: then it is resampled with ``counterpoint.data.resample``), a missing or empty frame folder, an
+undecodable frame, an unknown label, a malformed row or a clip already seen (in this or an earlier split, so
+test never overlaps train) is skipped and counted by reason in a :class:`SkipStats`.
 
 ``info`` of the result holds ``skipped`` (counts by reason, examples), ``clips`` (the clip id of every row,
 per split), ``splits`` (rows read and clips kept), ``audio_mean`` / ``audio_std`` (training features) and
@@ -54,6 +55,7 @@ from tqdm import tqdm
 from counterpoint.data.audio import FbankConfig, kaldi_fbank, read_wav
 from counterpoint.data.multimodal import SPLITS, ModalDataset, ModalSplit
 from counterpoint.data.readers import _IMAGE_ERRORS, SkipStats, to_square_array
+from counterpoint.data.resample import resample
 from counterpoint.errors import DataError
 
 # A first row whose clip or label cell is one of these names is a header.
@@ -72,7 +74,8 @@ class AVLayoutConfig:
     visual_dir: str = "visual"  # holds one folder of frames per clip
     frame_exts: tuple[str, ...] = ("jpg", "jpeg", "png")
     classes_file: str = "classes.txt"  # optional, relative to ROOT
-    sample_rate: int = 16000  # a WAV at another rate is skipped (reason wrong_sample_rate)
+    sample_rate: int = 16000
+    resample: bool = False  # resample WAVs at another rate; if False, skip them (reason wrong_sample_rate)
     num_mel_bins: int = 128
     audio_frames: int = 300  # T: 3 s at Kaldi's 10 ms shift
     frames: int = 3  # K
@@ -141,8 +144,9 @@ def clip_fbank(path: Path, cfg: AVLayoutConfig) -> torch.Tensor:
         waveform, rate = read_wav(path)  # [samples], mono
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise SkipClip("corrupt_audio", str(e).splitlines()[0]) from None
-    if rate != cfg.sample_rate:
-        raise SkipClip("wrong_sample_rate", f"{rate} Hz, expected {cfg.sample_rate}")
+    if rate != cfg.sample_rate and not cfg.resample:
+        raise SkipClip("wrong_sample_rate", f"{rate} Hz, expected {cfg.sample_rate} (or pass resample)")
+    waveform = resample(waveform, rate, cfg.sample_rate)
     feats = kaldi_fbank(waveform * 32768.0, cfg.fbank)[: cfg.audio_frames]  # [<=T, F]
     if feats.shape[0] == 0:
         raise SkipClip("short_audio", f"{waveform.numel()} samples, less than one frame")
