@@ -166,8 +166,8 @@ def test_frames_are_sampled_evenly_in_natural_order(dataset: ModalDataset, clip:
 
 
 def test_natural_key() -> None:
-    names = ["f10.jpg", "f2.jpg", "f1.jpg", "img_003.png", "img_02.png"]
-    assert sorted(names, key=natural_key) == ["f1.jpg", "f2.jpg", "f10.jpg", "img_02.png", "img_003.png"]
+    names = ["f10.jpg", "f2.jpg", "f1.jpg", "img_003.png", "img_02.png", "²"]
+    assert sorted(names, key=natural_key) == ["f1.jpg", "f2.jpg", "f10.jpg", "img_02.png", "img_003.png", "²"]
 
 
 def test_val_split_file_and_classes_file(av_root: Path, tmp_path: Path, one_thread: None) -> None:

@@ -115,13 +115,16 @@ class SkipClip(Exception):
 
 def natural_key(name: str) -> list:
     """Sort key that orders ``frame_2`` before ``frame_10`` (digit runs compare as numbers)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    # re.split with a group puts the digit runs at the odd positions (str.isdigit would also take "²").
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
 
 
 def read_split_file(path: Path, skips: SkipStats) -> list[tuple[str, str, str]]:
     """``(clip, label, where)`` per data row of a split CSV; blank lines are ignored, short rows counted."""
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheet exports start with a BOM
+    # -sig: spreadsheet exports start with a byte-order mark; undecodable bytes become U+FFFD, so such a clip
+    # is then skipped as missing instead of stopping the run.
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
         for row_no, row in enumerate(csv.reader(fh), start=1):
             cells = [c.strip() for c in row]
             if not any(cells):
@@ -240,4 +243,4 @@ def read_av_layout(root: str | Path, cfg: AVLayoutConfig = AVLayoutConfig(), pro
     train_audio = splits["train"].inputs["audio"]
     info = {"source": str(root.resolve()), "config": asdict(cfg), "splits": counts, "skipped": skips.as_dict(),
             "audio_mean": float(train_audio.mean()), "audio_std": float(train_audio.std()), "clips": clips}
-    return ModalDataset(root.name, classes, splits, info)
+    return ModalDataset(root.resolve().name, classes, splits, info)
