@@ -193,6 +193,9 @@ def test_missing_pieces_are_data_errors(av_root: Path, tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="no test split file"):
         read_av_layout(tmp_path, CFG)
+    (tmp_path / "test.csv").write_text("c,b\n")
+    with pytest.raises(DataError, match=r"no usable training clip .*1 skipped: \{'missing_audio': 1\}"):
+        read_av_layout(tmp_path, dataclasses.replace(CFG, val_fraction=0.0))
     with pytest.raises(ValueError, match="frames must be >= 1"):
         AVLayoutConfig(frames=0)
     with pytest.raises(ValueError, match="sample_rate must be positive"):

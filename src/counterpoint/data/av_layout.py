@@ -237,9 +237,9 @@ def read_av_layout(root: str | Path, cfg: AVLayoutConfig = AVLayoutConfig(), pro
         splits[split] = ModalSplit({"audio": audio[:n], "visual": visual[:n]}, torch.tensor(labels, dtype=torch.long))
         counts[split] = {"rows": len(split_rows), "clips": n}
         clips[split] = kept
-    if len(splits["train"]) == 0:
-        raise DataError(f"no usable training clip under '{root}' ({skips.total} skipped: "
-                        f"{dict(skips.counts)}); check the folder names and the sample rate")
+        if split == "train" and n == 0:  # before spending time on the other splits
+            raise DataError(f"no usable training clip under '{root}' ({skips.total} skipped: "
+                            f"{dict(skips.counts)}); check the folder names and the sample rate")
     train_audio = splits["train"].inputs["audio"]
     info = {"source": str(root.resolve()), "config": asdict(cfg), "splits": counts, "skipped": skips.as_dict(),
             "audio_mean": float(train_audio.mean()), "audio_std": float(train_audio.std()), "clips": clips}

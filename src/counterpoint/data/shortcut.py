@@ -92,7 +92,7 @@ def shortcut_sample(cfg: ShortcutConfig, split: str, index: int) -> tuple[np.nda
 
 
 def make_shortcut(cfg: ShortcutConfig = ShortcutConfig()) -> ModalDataset:
-    """Generate the train/val/test splits (about 7k samples/s on one core at 32 px)."""
+    """Generate the train/val/test splits (5-6k samples/s on one core at 32 px; benchmarks/bench_avdata.py)."""
     s = cfg.image_size
     splits, agreement = {}, {}
     for split in SPLITS:
