@@ -10,11 +10,8 @@ from counterpoint.models.text import TextTransformer
 def _padded_reference(model: TextTransformer, tokens: torch.Tensor) -> torch.Tensor:
     x = model.token_embed(tokens) + model.pos_embed[:, : tokens.shape[1]]
     keep = tokens != model.pad_id
-    if model.pool == "eot":
-        x = model.transformer(x, causal=True)
-    else:
-        x = model.transformer(x, mask=keep[:, None, None, :])
-    x = model.ln_final(x)
+    mask = None if model.pool == "eot" else keep[:, None, None, :]
+    x = model.ln_final(model.transformer(x, mask=mask, causal=model.pool == "eot"))
     if model.pool == "eot":
         pooled = x[torch.arange(x.shape[0]), (tokens == model.eot_id).int().argmax(dim=1)]
     else:
