@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from counterpoint.data.audio import FbankConfig, kaldi_fbank, read_wav
 from counterpoint.data.multimodal import SPLITS, ModalDataset, ModalSplit
-from counterpoint.data.readers import _IMAGE_ERRORS, SkipStats, to_square_array
+from counterpoint.data.readers import IMAGE_ERRORS, SkipStats, to_square_array
 from counterpoint.data.resample import resample
 from counterpoint.errors import DataError
 
@@ -172,7 +172,7 @@ def clip_frames(folder: Path, cfg: AVLayoutConfig) -> torch.Tensor:
                 # about 2x faster for video-sized frames; the resize below then does less work too.
                 img.draft("RGB", (cfg.image_size, cfg.image_size))
                 images.append(to_square_array(img.convert("RGB"), cfg.image_size))  # [S, S, 3]
-        except _IMAGE_ERRORS:
+        except IMAGE_ERRORS:
             raise SkipClip("corrupt_frame", files[i].name) from None
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [K, 3, S, S]
 

@@ -39,7 +39,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _CSV_IMAGE_COLUMNS = ("image", "filepath", "path", "file", "image_path")
 _CSV_CAPTION_COLUMNS = ("caption", "text", "title")
 # What a bad image file can raise; a decompression bomb (a header claiming a huge size) is one too.
-_IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What a corrupt or truncated image file raises while PIL decodes it (shared by every reader).
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def _from_members(key: str, members: dict[str, bytes], caption_key: str, where: 
         return None
     try:
         image = _decode_image(members[image_ext])
-    except _IMAGE_ERRORS:
+    except IMAGE_ERRORS:
         skips.skip("corrupt_image", where)
         return None
     label = meta.get("label")
@@ -207,7 +208,7 @@ def iter_csv(path: str, skips: SkipStats) -> Iterator[RawSample]:
                 continue
             try:
                 image = _decode_image(payload)
-            except _IMAGE_ERRORS:
+            except IMAGE_ERRORS:
                 skips.skip("corrupt_image", f"{where} ({rel})")
                 continue
             label = (row.get(label_col) or "").strip() if label_col else ""
