@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from counterpoint.config import ConfigError, load_config
 from counterpoint.data import streaming
 from counterpoint.data.readers import SkipStats, iter_samples, iter_tar_groups, to_square_array
 from counterpoint.data.shards import ShardCache, expand_braces, expand_shards, index_tar, shard_sizes
@@ -28,7 +29,7 @@ from counterpoint.data.stream_plan import (
     Source,
     steps_for_samples,
 )
-from counterpoint.data.streaming import StreamingLoader
+from counterpoint.data.streaming import StreamingLoader, build_loader, read_captions
 from counterpoint.data.world import World, WorldConfig
 from counterpoint.data.writers import Record, ShardWriter
 from counterpoint.errors import DataError
@@ -330,3 +331,34 @@ def test_saved_position_for_other_settings_is_refused(world_source: Source) -> N
     other = Source(world_source.shards[:-1], world_source.sizes[:-1])
     with pytest.raises(DataError, match="is for sources="):
         StreamingLoader([other], 5, IMAGE, world_size=2).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config and captions
+
+
+def test_data_stream_config_builds_the_loader(world_shards: Path, world_source: Source) -> None:
+    cfg = load_config(None, [f"data.stream.sources=[{{shards: '{world_shards}/shard-{{000000..000006}}.tar'}}]",
+                             "data.stream.num_workers=0", "data.stream.remainder=wrap"])
+    loader = build_loader(cfg.data.stream, 5, IMAGE, rank=1, world_size=2, seed=3)
+    direct = StreamingLoader([world_source], 5, IMAGE, rank=1, world_size=2, seed=3, remainder="wrap")
+    assert keys_of(take(loader, 3)) == keys_of(take(direct, 3))
+    with pytest.raises(DataError, match="data.stream.sources is empty"):
+        build_loader(load_config().data.stream, 5, IMAGE)
+    for override, message in [("data.stream.sources=[{shards: a, weight: -1}]", "weight must be > 0"),
+                              ("data.stream.num_workers=-1", "data.stream.num_workers must be >= 0"),
+                              ("data.stream.resampled=maybe", "data.stream.resampled: expected true or false")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+
+
+def test_read_captions_reads_text_only(world_shards: Path, world_source: Source, mix_sources: list[Source],
+                                       tmp_path: Path) -> None:
+    reference = [s.caption for s in iter_samples(str(world_shards), SkipStats())]
+    assert read_captions([world_source], 20) == reference[:20]
+    assert read_captions(mix_sources, 8) == [f"a {i}" for i in range(6)] + ["b 0", "b 1"]  # weights 3 : 1
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    mixed_shard(folder / "a.tar")  # d, e hold corrupt images: their captions still count (no image decoding)
+    assert read_captions([Source.from_spec(str(folder))], 10) == [
+        "a red, wide thing", "a green one", "caption from json", "corrupt", "truncated"]

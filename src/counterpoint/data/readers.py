@@ -87,6 +87,26 @@ def _decode_caption(payload: bytes) -> str:
     return payload.decode("utf-8").strip()
 
 
+def metadata(members: dict[str, bytes]) -> dict:
+    """The sample's ``json`` member as a dict (``{}`` if absent or not a JSON object)."""
+    try:
+        meta = json.loads(members["json"].decode("utf-8")) if "json" in members else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def caption_of(members: dict[str, bytes], caption_key: str, meta: dict) -> str:
+    """The ``caption_key`` member, else ``txt``, else the ``caption_key`` or ``caption`` field of ``meta``;
+    ``""`` if none. Raises ``UnicodeDecodeError`` for text that is not UTF-8."""
+    if caption_key in members:
+        return _decode_caption(members[caption_key])
+    if "txt" in members:
+        return _decode_caption(members["txt"])
+    value = meta.get(caption_key, meta.get("caption"))
+    return value.strip() if isinstance(value, str) else ""
+
+
 def decode_members(key: str, members: dict[str, bytes], caption_key: str, where: str,
                    skips: SkipStats) -> RawSample | None:
     """The sample in one key's members (``{ext: bytes}``), or ``None`` (counted in ``skips``) if it is bad."""
@@ -94,22 +114,9 @@ def decode_members(key: str, members: dict[str, bytes], caption_key: str, where:
     if image_ext is None:
         skips.skip("missing_image", where)
         return None
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"].decode("utf-8"))
-            if not isinstance(meta, dict):
-                meta = {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            meta = {}
+    meta = metadata(members)
     try:
-        if caption_key in members:
-            caption = _decode_caption(members[caption_key])
-        elif "txt" in members:
-            caption = _decode_caption(members["txt"])
-        else:
-            value = meta.get(caption_key, meta.get("caption"))
-            caption = value.strip() if isinstance(value, str) else ""
+        caption = caption_of(members, caption_key, meta)
     except UnicodeDecodeError:
         skips.skip("bad_caption", where)
         return None

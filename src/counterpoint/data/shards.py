@@ -22,7 +22,7 @@ import os
 import re
 import tarfile
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -153,6 +153,16 @@ def shard_sizes(shards: Sequence[str]) -> list[int]:
     return sizes
 
 
+def read_group(handle: BinaryIO, group: TarGroup, exts: Container[str] | None = None) -> dict[str, bytes]:
+    """``{ext: bytes}`` of ``group``'s members (those in ``exts`` only, if given) from the open shard."""
+    members = {}
+    for m in group.members:
+        if exts is None or m.ext in exts:
+            handle.seek(m.offset)
+            members[m.ext] = handle.read(m.size)
+    return members
+
+
 class ShardCache:
     """Indexes and open handles of the last few shards read (a worker reads its batches from one or two
     shards at a time), with the group bytes of any sample by position."""
@@ -180,11 +190,7 @@ class ShardCache:
         if position >= len(index.groups):
             return index.error or "missing_sample"  # sizes.json promised more samples than the shard has
         group = index.groups[position]
-        members = {}
-        for m in group.members:
-            handle.seek(m.offset)
-            members[m.ext] = handle.read(m.size)
-        return group.key, members
+        return group.key, read_group(handle, group)
 
     def close(self) -> None:
         for _, handle in self._open.values():

@@ -24,6 +24,7 @@ drops it. The counts cover the batches handed out by this loader object (they ar
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from counterpoint.data.readers import SkipStats, decode_members, to_square_array
-from counterpoint.data.shards import ShardCache
+from counterpoint.config import StreamConfig
+from counterpoint.data.readers import IMAGE_EXTS, SkipStats, caption_of, decode_members, metadata, to_square_array
+from counterpoint.data.shards import ShardCache, index_tar, read_group
 from counterpoint.data.stream_plan import BatchPlan, Remainder, Source
 from counterpoint.errors import DataError
 
@@ -127,3 +129,43 @@ class StreamingLoader:
                 raise DataError(f"the saved data position is for {key}={state.get(key)!r}, this loader has "
                                 f"{key}={value!r}; resume with the settings and shards the run started with")
         self.batches = int(state["batches"])
+
+
+def build_loader(cfg: StreamConfig, batch_size: int, image_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, caption_key: str = "txt") -> StreamingLoader:
+    """The loader ``data.stream`` describes, for one rank; ``batch_size`` is that rank's share of the global
+    batch."""
+    if not cfg.sources:
+        raise DataError("data.stream.sources is empty: name the shards to stream, e.g. "
+                        "data.stream.sources=[{shards: data/world/train}]")
+    sources = [Source.from_spec(s.shards, s.weight) for s in cfg.sources]
+    return StreamingLoader(sources, batch_size, image_size, rank=rank, world_size=world_size, seed=seed,
+                           resampled=cfg.resampled, remainder=cfg.remainder, num_workers=cfg.num_workers,
+                           caption_key=caption_key, prefetch_factor=cfg.prefetch_factor)
+
+
+def read_captions(sources: Sequence[Source], limit: int, caption_key: str = "txt") -> list[str]:
+    """Up to ``limit`` captions from the first shards of the sources (shared by weight), reading only the
+    caption members: text to train a tokenizer on without decoding an image."""
+    total_weight = sum(s.weight for s in sources)
+    captions: list[str] = []
+    for source in sources:
+        want = len(captions) + math.ceil(limit * source.weight / total_weight)
+        for path in source.shards:
+            if len(captions) >= want:
+                break
+            index = index_tar(path)
+            with open(path, "rb") as handle:
+                for group in index.groups:
+                    if len(captions) >= want:
+                        break
+                    if all(m.ext not in IMAGE_EXTS for m in group.members):
+                        continue  # the loader would skip it: no image
+                    members = read_group(handle, group, (caption_key, "txt", "json"))
+                    try:
+                        caption = caption_of(members, caption_key, metadata(members))
+                    except UnicodeDecodeError:
+                        continue
+                    if caption:
+                        captions.append(caption)
+    return captions[:limit]
