@@ -20,7 +20,14 @@ import torch
 from counterpoint.config import ConfigError, load_config
 from counterpoint.data import streaming
 from counterpoint.data.readers import SkipStats, iter_samples, iter_tar_groups, to_square_array
-from counterpoint.data.shards import ShardCache, expand_braces, expand_shards, index_tar, shard_sizes
+from counterpoint.data.shards import (
+    ShardCache,
+    expand_braces,
+    expand_shards,
+    index_tar,
+    shard_sizes,
+    tar_members,
+)
 from counterpoint.data.stream_plan import (
     MIX_BLOCK,
     BatchPlan,
@@ -104,6 +111,31 @@ def test_sizes_json_and_header_count_agree(tmp_path: Path) -> None:
     from_json = shard_sizes(shards)
     (tmp_path / "d" / "sizes.json").unlink()
     assert shard_sizes(shards) == from_json == [3, 3, 3, 1]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_header_scan_agrees_with_tarfile(tmp_path: Path, fmt: int) -> None:
+    """Names past 100 characters (ustar prefix, GNU long-name member, pax path record), folders, links and
+    empty files: the same regular members at the same offsets as ``tarfile``."""
+    path = tmp_path / "t.tar"
+    deep = "/".join(["folder-with-a-long-name"] * 5)  # 119 characters: ustar splits it into prefix + name
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo(deep)
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        add_member(tar, f"{deep}/k1.png", image_bytes("PNG", (9, 9), (1, 2, 3)))
+        add_member(tar, f"{deep}/k1.txt", b"")
+        link = tarfile.TarInfo("k1.lnk")
+        link.type, link.linkname = tarfile.SYMTYPE, "k1.png"
+        tar.addfile(link)
+        if fmt != tarfile.USTAR_FORMAT:  # ustar cannot hold a file name of 130 characters
+            add_member(tar, "k2." + "x" * 130, b"long extension")
+        add_member(tar, "k3.txt", b"x" * 1025)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    with open(path, "rb") as handle:
+        assert list(tar_members(handle)) == expected
+    assert len(expected) == (3 if fmt == tarfile.USTAR_FORMAT else 4)
 
 
 def test_index_reads_the_same_samples_as_the_stream_reader(tmp_path: Path) -> None:

