@@ -208,6 +208,13 @@ def test_ranks_take_equal_steps_and_the_remainder_is_dropped_or_wrapped(
     assert len(shards[0] & shards[1]) <= (1 if remainder == "drop" else 2)
 
 
+def test_wrap_is_refused_for_endless_streams(world_source: Source) -> None:
+    for kwargs in ({"resampled": True}, {}):
+        sources = [world_source] if kwargs else [world_source, world_source]
+        with pytest.raises(DataError, match="no remainder"):
+            BatchPlan(sources, 4, remainder="wrap", **kwargs)
+
+
 def test_resampled_plan_is_deterministic_and_every_sample_equally_frequent() -> None:
     sizes = [10, 30, 60]
     def stream(seed: int, rank: int, positions: range) -> list[tuple[int, int]]:

@@ -216,6 +216,9 @@ class BatchPlan:
             raise DataError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
         if remainder not in ("drop", "wrap"):
             raise DataError(f"remainder must be 'drop' or 'wrap', got {remainder!r}")
+        if remainder == "wrap" and (resampled or len(sources) > 1):
+            raise DataError("remainder='wrap' applies to one source in epochs; resampled and mixed streams are "
+                            "endless and have no remainder")
         self.sources, self.batch_size, self.seed = tuple(sources), batch_size, seed
         self.rank, self.world_size, self.resampled, self.remainder = rank, world_size, resampled, remainder
         self.steps_per_epoch: int | None = None
