@@ -105,7 +105,7 @@ class ShardWriter:
         self._close()
         if self.sizes:
             tmp = self.out_dir / ".sizes.json.tmp"
-            tmp.write_text(json.dumps(self.sizes, indent=0))
+            tmp.write_text(json.dumps(self.sizes, indent=2))
             os.replace(tmp, self.out_dir / "sizes.json")
 
     def __enter__(self) -> ShardWriter:
