@@ -1,0 +1,106 @@
+"""The built-in audio-visual imbalance benchmark, generated from the world in seconds.
+
+Each sample is one object of the world (a random colour, size and grid cell); the label is its **shape**.
+Both modalities carry the label, at very different difficulty (METHODS.md section 2, "audio-visual style"):
+
+* ``audio``: the object's tone (``synthesize_audio``: shape -> pitch, colour -> timbre) as Kaldi log-mel
+  fbank frames ``[T, F]``. Pitches are ~5 semitones apart, so a small CNN separates them quickly; the SNR
+  knob (``audio_snr_db``) sets how quickly.
+* ``visual``: the rendered image ``[3, S, S]`` (or ``[K, 3, S, S]`` frames, each a fresh render of the same
+  object). At 16 px a small object is ~5 px wide and pixel noise (``image_noise``) is added, so telling a
+  ring from a circle or a star from a cross takes many more steps than reading a pitch.
+
+This is the situation of CREMA-D / Kinetics-Sounds in the balanced-learning papers (audio dominant, visual
+under-trained in joint training) at a size that trains in seconds on one CPU core. Every sample is a pure
+function of ``(seed, split, index)``; labels cycle through the classes, so every split is class-balanced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from counterpoint.data.audio import FbankConfig, kaldi_fbank
+from counterpoint.data.multimodal import SPLITS, ModalDataset, ModalSplit
+from counterpoint.data.world import (
+    COLOUR_NAMES,
+    SHAPES,
+    SIZES,
+    Scene,
+    WorldConfig,
+    WorldObject,
+    render_scene,
+    synthesize_audio,
+)
+
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class AVWorldConfig:
+    """Knobs of the audio-visual benchmark; lower ``audio_snr_db`` makes audio harder, higher ``image_noise``
+    (std on the 0..255 scale), a smaller ``image_size`` or ``size="small"`` make vision harder."""
+
+    seed: int = 0
+    train: int = 2000
+    val: int = 500
+    test: int = 1000
+    image_size: int = 16
+    frames: int = 1  # >1: visual is [K, 3, S, S], K independent renders of the object
+    image_noise: float = 40.0
+    size: str = "any"  # "small" | "large" | "any"
+    audio_snr_db: float = 0.0
+    audio_seconds: float = 0.3
+    mel_bins: int = 32
+
+    def __post_init__(self) -> None:
+        for name in SPLITS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 samples, got {getattr(self, name)}")
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.size not in ("small", "large", "any"):
+            raise ValueError(f"size must be 'small', 'large' or 'any', got {self.size!r}")
+        if self.image_noise < 0:
+            raise ValueError(f"image_noise must be >= 0, got {self.image_noise}")
+        if not 0.05 <= self.audio_seconds <= 5:
+            raise ValueError(f"audio_seconds must be in [0.05, 5], got {self.audio_seconds}")
+        if self.mel_bins < 3:
+            raise ValueError(f"mel_bins must be >= 3, got {self.mel_bins}")
+        WorldConfig(image_size=self.image_size)  # the world validates the image size
+
+
+def _world(cfg: AVWorldConfig) -> WorldConfig:
+    return WorldConfig(seed=cfg.seed, image_size=cfg.image_size, image_noise=cfg.image_noise,
+                       audio_seconds=cfg.audio_seconds, audio_snr_db=cfg.audio_snr_db)
+
+
+def _split(cfg: AVWorldConfig, split: str, n: int, fbank_cfg: FbankConfig) -> ModalSplit:
+    wcfg = _world(cfg)
+    images, clips, labels = [], [], []
+    for i in range(n):
+        rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], i])
+        label = i % len(SHAPES)
+        size = SIZES[rng.integers(2)] if cfg.size == "any" else cfg.size
+        obj = WorldObject(SHAPES[label], COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))], size, int(rng.integers(9)))
+        scene = Scene((obj,))
+        frames = [render_scene(scene, rng, wcfg) for _ in range(cfg.frames)]  # [S, S, 3] uint8 each
+        images.append(np.stack(frames).transpose(0, 3, 1, 2))  # [K, 3, S, S]
+        clips.append(synthesize_audio(scene, rng, wcfg))
+        labels.append(label)
+    visual = torch.from_numpy(np.stack(images))  # [N, K, 3, S, S]
+    if cfg.frames == 1:
+        visual = visual[:, 0]  # [N, 3, S, S]
+    # Kaldi reads int16 samples: scale [-1, 1] floats as read_wav's callers do.
+    audio = kaldi_fbank(torch.from_numpy(np.stack(clips)) * 32768.0, fbank_cfg)  # [N, T, F]
+    return ModalSplit({"audio": audio.float().contiguous(), "visual": visual.contiguous()},
+                      torch.tensor(labels, dtype=torch.int64))
+
+
+def make_av_world(cfg: AVWorldConfig = AVWorldConfig()) -> ModalDataset:
+    """The benchmark as a :class:`ModalDataset` with ``train``, ``val`` and ``test`` splits (audio, visual)."""
+    fbank_cfg = FbankConfig(sample_rate=_world(cfg).audio_sample_rate, num_mel_bins=cfg.mel_bins)
+    splits = {s: _split(cfg, s, getattr(cfg, s), fbank_cfg) for s in SPLITS}
+    return ModalDataset("av_world", list(SHAPES), splits, {"generator": "av_world", **asdict(cfg)})
