@@ -44,6 +44,7 @@ class AVWorldConfig:
     (std on the 0..255 scale), a smaller ``image_size`` or ``size="small"`` make vision harder."""
 
     seed: int = 0
+    label: str = "shape"  # "shape" | "colour": what the class is
     train: int = 2000
     val: int = 500
     test: int = 1000
@@ -51,6 +52,7 @@ class AVWorldConfig:
     frames: int = 1  # >1: visual is [K, 3, S, S], K independent renders of the object
     image_noise: float = 40.0
     size: str = "any"  # "small" | "large" | "any"
+    position: str = "grid"  # "grid": any of the 9 cells; "center": the middle cell (easier to see)
     audio_snr_db: float = 0.0
     audio_seconds: float = 0.3
     mel_bins: int = 32
@@ -63,6 +65,10 @@ class AVWorldConfig:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.size not in ("small", "large", "any"):
             raise ValueError(f"size must be 'small', 'large' or 'any', got {self.size!r}")
+        if self.label not in ("shape", "colour"):
+            raise ValueError(f"label must be 'shape' or 'colour', got {self.label!r}")
+        if self.position not in ("grid", "center"):
+            raise ValueError(f"position must be 'grid' or 'center', got {self.position!r}")
         if self.image_noise < 0:
             raise ValueError(f"image_noise must be >= 0, got {self.image_noise}")
         if not 0.05 <= self.audio_seconds <= 5:
@@ -70,6 +76,10 @@ class AVWorldConfig:
         if self.mel_bins < 3:
             raise ValueError(f"mel_bins must be >= 3, got {self.mel_bins}")
         WorldConfig(image_size=self.image_size)  # the world validates the image size
+
+
+def _classes(cfg: AVWorldConfig) -> tuple[str, ...]:
+    return SHAPES if cfg.label == "shape" else COLOUR_NAMES
 
 
 def _world(cfg: AVWorldConfig) -> WorldConfig:
@@ -82,9 +92,12 @@ def _split(cfg: AVWorldConfig, split: str, n: int, fbank_cfg: FbankConfig) -> Mo
     images, clips, labels = [], [], []
     for i in range(n):
         rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], i])
-        label = i % len(SHAPES)
+        label = i % len(_classes(cfg))
         size = SIZES[rng.integers(2)] if cfg.size == "any" else cfg.size
-        obj = WorldObject(SHAPES[label], COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))], size, int(rng.integers(9)))
+        cell = int(rng.integers(9)) if cfg.position == "grid" else 4
+        other = int(rng.integers(8))  # the attribute that is not the label is random
+        shape, colour = (label, other) if cfg.label == "shape" else (other, label)
+        obj = WorldObject(SHAPES[shape], COLOUR_NAMES[colour], size, cell)
         scene = Scene((obj,))
         frames = [render_scene(scene, rng, wcfg) for _ in range(cfg.frames)]  # [S, S, 3] uint8 each
         images.append(np.stack(frames).transpose(0, 3, 1, 2))  # [K, 3, S, S]
@@ -103,4 +116,4 @@ def make_av_world(cfg: AVWorldConfig = AVWorldConfig()) -> ModalDataset:
     """The benchmark as a :class:`ModalDataset` with ``train``, ``val`` and ``test`` splits (audio, visual)."""
     fbank_cfg = FbankConfig(sample_rate=_world(cfg).audio_sample_rate, num_mel_bins=cfg.mel_bins)
     splits = {s: _split(cfg, s, getattr(cfg, s), fbank_cfg) for s in SPLITS}
-    return ModalDataset("av_world", list(SHAPES), splits, {"generator": "av_world", **asdict(cfg)})
+    return ModalDataset("av_world", list(_classes(cfg)), splits, {"generator": "av_world", **asdict(cfg)})

@@ -35,6 +35,7 @@ class EncoderConfig:
     kind: Literal["auto", "cnn", "vit", "text"] = "auto"
     widths: tuple[int, ...] = field(default=(16, 32))  # cnn: channels per stage
     depths: tuple[int, ...] = field(default=(1, 1))  # cnn: residual blocks per stage
+    stem_stride: int = 1  # cnn: 2 halves the resolution losslessly at the stem (a quarter of the cost)
     patch: int = 4  # vit: square patch side (spectrograms: time x mel bins)
     width: int = 64  # vit / text: transformer width
     layers: int = 2  # vit / text
@@ -46,8 +47,8 @@ class EncoderConfig:
             raise ValueError(f"{key}.widths and {key}.depths must be non-empty and of the same length")
         if min(self.widths + self.depths) < 1:
             raise ValueError(f"{key}.widths and {key}.depths must be >= 1")
-        if min(self.patch, self.width, self.layers, self.heads) < 1:
-            raise ValueError(f"{key}.patch, width, layers and heads must be >= 1")
+        if min(self.patch, self.width, self.layers, self.heads, self.stem_stride) < 1:
+            raise ValueError(f"{key}.patch, width, layers, heads and stem_stride must be >= 1")
         if self.width % self.heads:
             raise ValueError(f"{key}.width {self.width} is not divisible by {key}.heads {self.heads}")
 
@@ -104,7 +105,7 @@ def build_encoder(cfg: EncoderConfig, train_inputs: torch.Tensor, dim: int, pad_
     channels = 1 if layout == "spectrogram" else 3
     size = tuple(train_inputs.shape[-2:])  # [T, F] or [H, W]
     if kind == "cnn":
-        tower = ResNetTower(cfg.widths, cfg.depths, dim, size[0], in_channels=channels)
+        tower = ResNetTower(cfg.widths, cfg.depths, dim, size[0], in_channels=channels, stem_stride=cfg.stem_stride)
     else:
         tower = VisionTransformer(size, cfg.patch, cfg.width, cfg.layers, cfg.heads, dim, pool="mean",
                                   in_channels=channels)
