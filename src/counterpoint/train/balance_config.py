@@ -79,6 +79,7 @@ class BalanceTrainConfig:
     weight_decay: float = 1e-4
     diagnostics: bool = True  # log cos(g_m, g_u) also for joint / uniform / ogm_ge (a second backward pass)
     log_every: int = 1
+    precise_bn_batches: int = 8  # before each validation, batch-norm statistics from this many train batches
     eval_batch_size: int = 500
     device: str = "cpu"  # "auto", "cpu", "cuda", ...
     threads: int = 1  # 0: let torch decide
@@ -142,6 +143,7 @@ def validate(cfg: BalanceConfig) -> None:
         (0 <= t.momentum < 1, "train.momentum must be in [0, 1)"),
         (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.precise_bn_batches >= 0, "train.precise_bn_batches must be >= 0"),
         (t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
         (t.threads >= 0, "train.threads must be >= 0"),
         (cfg.model.dim >= 1, "model.dim must be >= 1"),

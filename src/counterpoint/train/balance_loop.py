@@ -29,7 +29,7 @@ from counterpoint.config import save_config
 from counterpoint.data.av_world import make_av_world
 from counterpoint.data.multimodal import ModalDataset, ModalSplit
 from counterpoint.errors import UserError
-from counterpoint.evaluate.modality import baseline_inputs, evaluate_split
+from counterpoint.evaluate.modality import baseline_inputs, evaluate_split, recalibrate_batchnorm
 from counterpoint.models.fusion import MultimodalClassifier, build_classifier
 from counterpoint.objectives.balance import BalanceTask
 from counterpoint.report.balance_report import write_balance_report
@@ -104,6 +104,7 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
     if steps_per_epoch < 1:
         raise UserError(f"train split has {len(train)} samples, fewer than train.batch_size={bs}")
     order = torch.Generator().manual_seed(cfg.seed)
+    bn_batches = torch.Generator().manual_seed(cfg.seed + 1)  # apart from `order`: BN settings keep the order
     best_acc, best_epoch, step, step_ms = -1.0, 0, 0, []
     bar = tqdm(total=cfg.train.epochs * steps_per_epoch, unit=" step", desc=cfg.method.display,
                disable=not cfg.train.progress, dynamic_ncols=True)
@@ -128,6 +129,7 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
                 if step % cfg.train.log_every == 0:
                     log.write(json.dumps({"step": step, "epoch": epoch, **row,
                                           "step_ms": round(step_ms[-1], 3)}) + "\n")
+            recalibrate_batchnorm(model, train, cfg.train.precise_bn_batches, bs, bn_batches)
             acc = evaluate_split(model, val, cfg.train.eval_batch_size)["acc"]
             log.write(json.dumps({"step": step, "epoch": epoch, **{f"val/acc/{k}": v for k, v in acc.items()}})
                       + "\n")
