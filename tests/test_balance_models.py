@@ -4,6 +4,9 @@ heads of joint training learn without moving the encoders; exact Shapley values.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,3 +179,25 @@ def test_model_shapley_equals_brute_force_substitution(baseline: str) -> None:
     expected = shapley_values(list(x), brute)
     assert result["shapley"] == pytest.approx(expected, abs=1e-6)
     assert result["subsets"]["audio+text+visual"] == pytest.approx(result["acc"]["fused"])
+
+
+def test_published_mmpareto_restatement_writes_our_gradients() -> None:
+    """The benchmark's restated official step (1 forward + 4 backward) and MMPareto (2 backward) agree."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import bench_mmpareto
+    finally:
+        sys.path.pop(0)
+    x = three_modal_inputs(n=8)
+    del x["text"]
+    labels = torch.arange(8) % 3
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_classifier(x, 3, dim=8, encoders={k: EncoderConfig(widths=(4,), depths=(1,)) for k in x}))
+    opt = torch.optim.SGD(models[0].parameters(), lr=0.0)  # lr 0: step() leaves the weights to compare
+    bench_mmpareto.published_step(models[0], {**x, "label": labels}, opt, gamma=1.5)
+    losses = classification_losses(models[1]({**x, "label": labels}), labels)
+    build_combiner("mmpareto", gamma=1.5).combine(losses, models[1].parameter_groups())
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)

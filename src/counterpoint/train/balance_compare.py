@@ -6,7 +6,7 @@ evaluated once for the selected checkpoint); the benchmark is generated or loade
 
 ``compare.json``: ``methods`` (label -> ``acc`` / ``shapley`` -> name -> ``{"mean", "std", "values"}`` over
 seeds on test, ``selected_epoch``, ``step_ms``, ``conflict_rate``), ``weak_modality`` (lowest mean
-unimodal-head accuracy of the ``unimodal`` method, else of the first method), ``seeds``, ``imbalance``
+unimodal-head accuracy under ``joint``, else under ``unimodal``, else under the first method), ``seeds``, ``imbalance``
 (when ``joint`` and ``unimodal`` both ran: the weak modality's accuracy under each and the gap in points),
 ``versus_uniform`` (each MMPareto entry's fused mean minus uniform's, when uniform ran), ``seconds``.
 """
@@ -55,7 +55,7 @@ def _by_name(methods: tuple[MethodConfig, ...], name: str) -> str | None:
 def findings(table: dict[str, dict[str, Any]], methods: tuple[MethodConfig, ...],
              modalities: list[str]) -> dict[str, Any]:
     """The weak modality, the imbalance under joint training, and MMPareto against uniform."""
-    ref = _by_name(methods, "unimodal") or methods[0].display
+    ref = _by_name(methods, "joint") or _by_name(methods, "unimodal") or methods[0].display
     weak = min(modalities, key=lambda k: table[ref]["acc"][k]["mean"])
     out: dict[str, Any] = {"weak_modality": weak}
     joint, alone = _by_name(methods, "joint"), _by_name(methods, "unimodal")
