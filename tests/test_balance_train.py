@@ -134,7 +134,7 @@ def test_config_errors_are_one_line_exit_2(tmp_path: Path, capsys) -> None:
         (["model.fusion=product"], "model.fusion"),
         (["data.av_world.image_noise=-3"], "data.av_world.image_noise must be >= 0"),
         (["train.lerning_rate=1"], "unknown config key 'train.lerning_rate'"),
-        (["model.encoders.audio.widths=[4,8]"], "model.encoders.audio.widths and model.encoders.audio.depths"),
+        (["model.encoders.audio.widths=[4,8,16]"], "model.encoders.audio.widths and model.encoders.audio.depths"),
         (["method.name=mmpareto", "method.rescale=sideways"], "rescale must be 'per_tensor' or 'per_encoder'"),
         (["compare.methods=[{name: joint}, {name: joint}]"], "label 'joint' is used twice"),
         (["data.benchmark=file"], "data.path must name a dataset"),
