@@ -1,6 +1,8 @@
 """The ``counterpoint`` command.
 
     counterpoint data make world --out data/world [--format wds|csv|folder] [--train N] ...
+    counterpoint data make shortcut --out data/shortcut [--shortcut 1.0] [--noise 0] ...
+    counterpoint data av-features ROOT --out data/cremad [--sample-rate 16000] [--frames 3] ...
     counterpoint train configs/clip_world.yaml [key=value ...] [--resume | --overwrite]
     counterpoint eval RUN_DIR [key=value ...]
     counterpoint balance train configs/balance_av.yaml [key=value ...] [--overwrite]
@@ -13,9 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from counterpoint.errors import UserError
+
+if TYPE_CHECKING:
+    from counterpoint.data.multimodal import ModalDataset
 
 
 def _cmd_data_make(args: argparse.Namespace) -> int:
@@ -33,6 +40,54 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
     print(f"wrote the built-in world to {args.out} ({args.format}): "
           + ", ".join(f"{k} {v}" for k, v in info["splits"].items() if v)
           + f"; {len(info['classes'])} classes, {len(info['heldout'])} held out of training")
+    return 0
+
+
+def _write_modal(dataset: ModalDataset, out: str, seconds: float) -> None:
+    """Save a :class:`ModalDataset` and print what it holds."""
+    path = dataset.save(out)
+    first = dataset.splits["train"]
+    shapes = ", ".join(f"{m} {list(x.shape[1:])} {str(x.dtype).removeprefix('torch.')}"
+                       for m, x in first.inputs.items())
+    sizes = ", ".join(f"{s} {len(d)}" for s, d in dataset.splits.items())
+    print(f"wrote {path} (+ .json) in {seconds:.1f} s: {sizes}; {len(dataset.classes)} classes; {shapes}")
+
+
+def _cmd_data_shortcut(args: argparse.Namespace) -> int:
+    from counterpoint.data.shortcut import ShortcutConfig, make_shortcut
+
+    try:
+        cfg = ShortcutConfig(seed=args.seed, train=args.train, val=args.val, test=args.test,
+                             num_classes=args.num_classes, shortcut=args.shortcut, noise=args.noise,
+                             image_size=args.image_size)
+    except ValueError as exc:
+        raise UserError(f"data make shortcut: {exc}") from None
+    t0 = time.perf_counter()
+    dataset = make_shortcut(cfg)
+    _write_modal(dataset, args.out, time.perf_counter() - t0)
+    agreement = dataset.info["colour_class_agreement"]
+    print("colour = class colour in " + ", ".join(f"{s} {a:.1%}" for s, a in agreement.items()))
+    return 0
+
+
+def _cmd_data_av_features(args: argparse.Namespace) -> int:
+    from counterpoint.data.av_layout import AVLayoutConfig, read_av_layout
+
+    try:
+        cfg = AVLayoutConfig(split_file=args.split_file, audio_dir=args.audio_dir, audio_file=args.audio_file,
+                             visual_dir=args.visual_dir, sample_rate=args.sample_rate, resample=args.resample,
+                             num_mel_bins=args.num_mel_bins, audio_frames=args.audio_frames, frames=args.frames,
+                             image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(f"data av-features: {exc}") from None
+    t0 = time.perf_counter()
+    dataset = read_av_layout(args.root, cfg, progress=not args.quiet)
+    _write_modal(dataset, args.out, time.perf_counter() - t0)
+    skipped = dataset.info["skipped"]
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(skipped["by_reason"].items()))
+    print(f"skipped {skipped['total']} clips" + (f": {reasons}" if reasons else ""))
+    for example in skipped["examples"][:5]:
+        print(f"  {example}")
     return 0
 
 
@@ -111,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="generate or convert data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    make = data_sub.add_parser("make", help="write the built-in world to disk")
-    make.add_argument("what", choices=["world"])
+    make_sub = data_sub.add_parser("make", help="generate built-in data").add_subparsers(dest="what", required=True)
+    make = make_sub.add_parser("world", help="the built-in world as image-text (and audio) files")
     make.add_argument("--out", required=True, help="output folder")
     make.add_argument("--format", choices=["wds", "csv", "folder"], default="wds")
     make.add_argument("--train", type=int, default=100_000, help="training pairs")
@@ -131,6 +186,38 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--quiet", action="store_true")
     make.set_defaults(func=_cmd_data_make)
+
+    short = make_sub.add_parser("shortcut", help="coloured-and-grey shapes: colour predicts the class at train only")
+    short.add_argument("--out", required=True, help="output file (.safetensors + .json)")
+    short.add_argument("--train", type=int, default=6000)
+    short.add_argument("--val", type=int, default=1000)
+    short.add_argument("--test", type=int, default=2000)
+    short.add_argument("--num-classes", type=int, default=8, help="number of shape classes (2-8)")
+    short.add_argument("--shortcut", type=float, default=1.0,
+                       help="fraction of training samples coloured in their class colour")
+    short.add_argument("--noise", type=float, default=0.0, help="pixel noise std on both modalities (0-255)")
+    short.add_argument("--image-size", type=int, default=32)
+    short.add_argument("--seed", type=int, default=0)
+    short.set_defaults(func=_cmd_data_shortcut)
+
+    av = data_sub.add_parser("av-features", help="precompute fbank + frames of an audio-visual dataset "
+                             "(split CSVs, audio/<clip>.wav, visual/<clip>/*.jpg) into one file")
+    av.add_argument("root", help="folder holding the split CSVs, the audio folder and the frame folders")
+    av.add_argument("--out", required=True, help="output file (.safetensors + .json)")
+    av.add_argument("--split-file", default="{split}.csv", help="split CSV name under ROOT")
+    av.add_argument("--audio-dir", default="audio")
+    av.add_argument("--audio-file", default="{clip}.wav", help="WAV name inside --audio-dir")
+    av.add_argument("--visual-dir", default="visual", help="holds one folder of frames per clip")
+    av.add_argument("--sample-rate", type=int, default=16000)
+    av.add_argument("--resample", action="store_true", help="resample WAVs at another rate (default: skip them)")
+    av.add_argument("--num-mel-bins", type=int, default=128)
+    av.add_argument("--audio-frames", type=int, default=300, help="fbank frames per clip (10 ms each)")
+    av.add_argument("--frames", type=int, default=3, help="video frames per clip")
+    av.add_argument("--image-size", type=int, default=112)
+    av.add_argument("--val-fraction", type=float, default=0.1, help="of train, used when there is no val CSV")
+    av.add_argument("--seed", type=int, default=0)
+    av.add_argument("--quiet", action="store_true")
+    av.set_defaults(func=_cmd_data_av_features)
 
     tr = sub.add_parser("train", help="pretrain, evaluate and report")
     tr.add_argument("config", help="YAML recipe, e.g. configs/clip_world.yaml")

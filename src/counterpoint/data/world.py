@@ -20,6 +20,7 @@ trivially parallel.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -268,8 +269,10 @@ def shape_mask(shape: str, diameter: int, variant: int) -> np.ndarray:
     return mask / 255.0
 
 
-def render_scene(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> np.ndarray:
-    """Render ``scene`` to an ``[S, S, 3]`` uint8 image."""
+def render_scene(scene: Scene, rng: np.random.Generator, cfg: WorldConfig,
+                 colours: Mapping[str, tuple[int, int, int]] = COLOURS) -> np.ndarray:
+    """Render ``scene`` to an ``[S, S, 3]`` uint8 image; ``colours`` maps colour names to the RGB drawn
+    (a grey palette renders the scene without colour information, as the shortcut benchmark needs)."""
     s = cfg.image_size
     base = rng.uniform(25, 95)
     tint = rng.uniform(-8, 8, size=3)
@@ -292,7 +295,7 @@ def render_scene(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> np
         y1, x1 = min(s, y0 + diameter), min(s, x0 + diameter)
         y0, x0 = max(0, y0), max(0, x0)
         a = mask[my0 : my0 + (y1 - y0), mx0 : mx0 + (x1 - x0), None]
-        colour = np.asarray(COLOURS[obj.colour], dtype=np.float32) + rng.normal(0, 8, size=3)
+        colour = np.asarray(colours[obj.colour], dtype=np.float32) + rng.normal(0, 8, size=3)
         region = img[y0:y1, x0:x1]
         region *= 1.0 - a
         region += a * colour
