@@ -20,7 +20,7 @@ from counterpoint.evaluate import modality as modality_eval
 from counterpoint.models.fusion import FUSIONS
 from counterpoint.train import balance_loop
 from counterpoint.train.balance_config import load_balance_config
-from counterpoint.train.balance_loop import build_run_model, load_weights, train_balance
+from counterpoint.train.balance_loop import build_run_model, load_weights, selection_score, train_balance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,6 +110,24 @@ def test_model_selection_uses_val_and_tests_only_the_selected_checkpoint(tmp_pat
     model.load_state_dict(load_weights(run / "checkpoints" / "best" / "model.safetensors"))
     again = real(model, data.splits["test"])
     assert again["acc"] == pytest.approx(result["test"]["acc"])
+
+
+def test_selection_score_and_recipes_load() -> None:
+    acc = {"fused": 0.9, "audio": 0.4, "visual": 0.8}
+    assert selection_score(acc, "fused") == 0.9
+    assert selection_score(acc, "unimodal") == pytest.approx(0.6)
+    for recipe in ("configs/balance_av.yaml", "configs/balance_shortcut.yaml"):
+        assert len(load_balance_config(recipe).compare.methods) == 7
+
+
+def test_shortcut_benchmark_runs_with_one_channel_images(tmp_path: Path) -> None:
+    cfg = load_balance_config(None, [f"out_dir={tmp_path / 's'}", "data.benchmark=shortcut", "data.shortcut.train=64",
+                                     "data.shortcut.val=32", "data.shortcut.test=32", "method.name=unimodal",
+                                     "model.dim=8", "model.encoders.grey.widths=[4]", "model.encoders.grey.depths=[1]",
+                                     "model.encoders.coloured.widths=[4]", "model.encoders.coloured.depths=[1]",
+                                     *TINY_TRAIN])
+    result = json.loads((train_balance(cfg) / "eval.json").read_text())
+    assert result["modalities"] == ["coloured", "grey"] and result["select_on"] == "unimodal"
 
 
 def test_uniform_logs_gradient_conflicts_and_joint_keeps_encoders_on_the_fused_loss(tmp_path: Path) -> None:

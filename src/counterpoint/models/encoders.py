@@ -5,8 +5,8 @@ The layout is read from one example of the ``ModalDataset`` contract (``counterp
 * int64 ``[L]``            -> ``tokens``:      a text transformer (mean-pooled over non-pad tokens);
 * float ``[T, F]``         -> ``spectrogram``: a 1-channel image for a ResNet-style CNN or a ViT on patches
   (the AST recipe, Gong et al., Interspeech 2021);
-* ``[3, H, W]``            -> ``image``;
-* ``[K, 3, H, W]``         -> ``frames``: every frame through the same image tower, features averaged over
+* ``[C, H, W]``, C 1 or 3  -> ``image``;
+* ``[K, C, H, W]``         -> ``frames``: every frame through the same image tower, features averaged over
   the K frames (the late temporal pooling of OGM-GE's visual encoder, Peng et al., CVPR 2022).
 
 Inputs are standardised inside the encoder with dataset statistics held as buffers, so a saved model needs
@@ -61,12 +61,12 @@ def input_layout(example: torch.Tensor) -> Layout:
         return "tokens"
     if example.dim() == 2:
         return "spectrogram"
-    if example.dim() == 3 and example.shape[0] == 3:
+    if example.dim() == 3 and example.shape[0] in (1, 3):
         return "image"
-    if example.dim() == 4 and example.shape[1] == 3:
+    if example.dim() == 4 and example.shape[1] in (1, 3):
         return "frames"
-    raise ValueError(f"cannot encode a sample of shape {tuple(example.shape)} ({example.dtype}); expected "
-                     "token ids [L], a spectrogram [T, F], an image [3, H, W] or frames [K, 3, H, W]")
+    raise ValueError(f"cannot encode a sample of shape {tuple(example.shape)} ({example.dtype}); expected token "
+                     "ids [L], a spectrogram [T, F], an image [C, H, W] or frames [K, C, H, W] with C = 1 or 3")
 
 
 class ModalityEncoder(nn.Module):
@@ -102,7 +102,7 @@ def build_encoder(cfg: EncoderConfig, train_inputs: torch.Tensor, dim: int, pad_
         tower = TextTransformer(int(train_inputs.max()) + 1, train_inputs.shape[1], cfg.width, cfg.layers, cfg.heads,
                                 dim, pool="mean", pad_id=pad_id)
         return ModalityEncoder(tower, layout)
-    channels = 1 if layout == "spectrogram" else 3
+    channels = 1 if layout == "spectrogram" else int(train_inputs.shape[-3])
     size = tuple(train_inputs.shape[-2:])  # [T, F] or [H, W]
     if kind == "cnn":
         tower = ResNetTower(cfg.widths, cfg.depths, dim, size[0], in_channels=channels, stem_stride=cfg.stem_stride)

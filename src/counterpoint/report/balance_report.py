@@ -14,8 +14,9 @@ def write_balance_report(run_dir: Path, result: dict[str, Any], cfg: BalanceConf
              f"Method **{result['method']}** (`{result['combiner']}`), fusion `{cfg.model.fusion}`, seed "
              f"{result['seed']}, {result['steps']} steps in {result['train_seconds']} s "
              f"(median step {result['step_ms']} ms).", "",
-             f"Selected epoch **{result['selected_epoch']}** of {cfg.train.epochs}: the best fused accuracy on "
-             "the validation split. The test split was evaluated for that checkpoint only.", "",
+             f"Selected epoch **{result['selected_epoch']}** of {cfg.train.epochs}: the best validation "
+             f"accuracy ({'fused head' if result['select_on'] == 'fused' else 'mean of the unimodal heads'}). "
+             "The test split was evaluated for that checkpoint only.", "",
              "## Accuracy", "", "| split | fused | " + " | ".join(mods) + " |", "|---|---|" + "---|" * len(mods)]
     for split in ("val", "test"):
         acc = result[split]["acc"]

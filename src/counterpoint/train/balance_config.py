@@ -16,6 +16,7 @@ import torch
 
 from counterpoint.config import ConfigError, _deep_merge, from_dict, load_yaml, parse_override
 from counterpoint.data.av_world import AVWorldConfig
+from counterpoint.data.shortcut import ShortcutConfig
 from counterpoint.models.encoders import EncoderConfig
 from counterpoint.models.fusion import FusionKind
 from counterpoint.optim.combiners import COMBINERS, GradientCombiner, build_combiner
@@ -23,12 +24,14 @@ from counterpoint.optim.combiners import COMBINERS, GradientCombiner, build_comb
 
 @dataclass
 class BalanceDataConfig:
-    """``benchmark: av_world`` generates the built-in audio-visual benchmark (knobs in ``av_world``);
-    ``benchmark: file`` loads a saved ModalDataset (``path``, the ``.safetensors`` next to its ``.json``)."""
+    """``benchmark: av_world`` generates the built-in audio-visual benchmark (knobs in ``av_world``),
+    ``shortcut`` the coloured-and-grey shortcut benchmark (knobs in ``shortcut``); ``benchmark: file`` loads a
+    saved ModalDataset (``path``, the ``.safetensors`` next to its ``.json``, e.g. ``data av-features``)."""
 
-    benchmark: Literal["av_world", "file"] = "av_world"
+    benchmark: Literal["av_world", "shortcut", "file"] = "av_world"
     path: str = ""
     av_world: AVWorldConfig = field(default_factory=AVWorldConfig)
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
     modalities: tuple[str, ...] = ()  # use only these (in this order); empty: all of the dataset's
 
 
@@ -79,6 +82,9 @@ class BalanceTrainConfig:
     weight_decay: float = 1e-4
     diagnostics: bool = True  # log cos(g_m, g_u) also for joint / uniform / ogm_ge (a second backward pass)
     log_every: int = 1
+    # Model selection on val: "fused" accuracy, "unimodal" (mean of the unimodal heads), "auto": unimodal for
+    # the unimodal-alone method (whose fused head is only a probe), fused for every other.
+    select_on: Literal["auto", "fused", "unimodal"] = "auto"
     precise_bn_batches: int = 8  # before each validation, batch-norm statistics from this many train batches
     eval_batch_size: int = 500
     device: str = "cpu"  # "auto", "cpu", "cuda", ...
@@ -174,11 +180,17 @@ def load_balance_config(path: str | Path | None = None, overrides: list[str] = (
     data: dict[str, Any] = load_yaml(path) if path is not None else {}
     for text in overrides:
         data = _deep_merge(data, parse_override(text))
-    try:
-        cfg = from_dict(BalanceConfig, data)
-    except ConfigError:
-        raise
-    except ValueError as exc:  # AVWorldConfig checks its own values; its messages start with the field
-        raise ConfigError(f"data.av_world.{exc}") from None
+    # The generators' configs check their own values (ValueError, message starting with the field).
+    section = data.get("data")
+    for name, cls in (("av_world", AVWorldConfig), ("shortcut", ShortcutConfig)):
+        knobs = section.get(name) if isinstance(section, dict) else None
+        if isinstance(knobs, dict):
+            try:
+                from_dict(cls, knobs, prefix=f"data.{name}.")
+            except ConfigError:
+                raise
+            except ValueError as exc:
+                raise ConfigError(f"data.{name}.{exc}") from None
+    cfg = from_dict(BalanceConfig, data)
     validate(cfg)
     return cfg

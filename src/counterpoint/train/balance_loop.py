@@ -6,7 +6,8 @@ accuracies, the combiner's cos/norm/alpha/conflict stats per encoder, ``step_ms`
 with ``val/acc/...``), ``eval.json`` (below), ``checkpoints/best/model.safetensors``, ``cosine.png``,
 ``accuracy.png`` and ``report.md``.
 
-``eval.json``: ``method``, ``selected_epoch`` (best val fused accuracy, earliest on ties), ``val`` and
+``eval.json``: ``method``, ``selected_epoch`` (best validation score, earliest on ties: the fused accuracy,
+or for ``unimodal`` the mean unimodal-head accuracy; ``train.select_on``), ``select_on``, ``val`` and
 ``test`` (``{"acc": {"fused", modality...}, "n", "shapley", "subsets"}`` of the selected checkpoint; test
 is evaluated for that checkpoint only, never used to choose), ``step_ms`` (median over all steps),
 ``train_seconds``, ``conflict_rate`` (fraction of logged steps with cos < 0, per encoder), ``modalities``.
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from counterpoint.config import save_config
 from counterpoint.data.av_world import make_av_world
 from counterpoint.data.multimodal import ModalDataset, ModalSplit
+from counterpoint.data.shortcut import make_shortcut
 from counterpoint.errors import UserError
 from counterpoint.evaluate.modality import baseline_inputs, evaluate_split, recalibrate_batchnorm
 from counterpoint.models.fusion import MultimodalClassifier, build_classifier
@@ -41,7 +43,12 @@ from counterpoint.train.loop import pick_device
 
 def load_benchmark(cfg: BalanceDataConfig) -> ModalDataset:
     """The dataset a config names, restricted to ``cfg.modalities`` when given."""
-    data = make_av_world(cfg.av_world) if cfg.benchmark == "av_world" else ModalDataset.load(cfg.path)
+    if cfg.benchmark == "av_world":
+        data = make_av_world(cfg.av_world)
+    elif cfg.benchmark == "shortcut":
+        data = make_shortcut(cfg.shortcut)
+    else:
+        data = ModalDataset.load(cfg.path)
     missing = [m for m in ("train", "val", "test") if m not in data.splits]
     if missing:
         raise UserError(f"dataset '{data.name}' has no {', '.join(missing)} split; balance runs need train, val "
@@ -105,6 +112,9 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
         raise UserError(f"train split has {len(train)} samples, fewer than train.batch_size={bs}")
     order = torch.Generator().manual_seed(cfg.seed)
     bn_batches = torch.Generator().manual_seed(cfg.seed + 1)  # apart from `order`: BN settings keep the order
+    select_on = cfg.train.select_on
+    if select_on == "auto":
+        select_on = "unimodal" if cfg.method.name == "unimodal" else "fused"
     best_acc, best_epoch, step, step_ms = -1.0, 0, 0, []
     bar = tqdm(total=cfg.train.epochs * steps_per_epoch, unit=" step", desc=cfg.method.display,
                disable=not cfg.train.progress, dynamic_ncols=True)
@@ -135,9 +145,10 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
                       + "\n")
             log.flush()
             bar.set_postfix({f"val {k}": f"{v:.3f}" for k, v in acc.items()})
-            if acc["fused"] > best_acc:
-                best_acc, best_epoch = acc["fused"], epoch
-                _save_weights(model, run_dir / "checkpoints" / "best", {"epoch": epoch, "val_fused": acc["fused"]})
+            score = selection_score(acc, select_on)
+            if score > best_acc:
+                best_acc, best_epoch = score, epoch
+                _save_weights(model, run_dir / "checkpoints" / "best", {"epoch": epoch, "val_score": score})
     bar.close()
     train_seconds = time.perf_counter() - t_start
 
@@ -146,6 +157,7 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
     result = {
         "method": cfg.method.display, "combiner": repr(combiner), "seed": cfg.seed,
         "modalities": model.modalities, "classes": data.classes, "selected_epoch": best_epoch,
+        "select_on": select_on,
         "val": evaluate_split(model, val, cfg.train.eval_batch_size, baselines),
         "test": evaluate_split(model, data.splits["test"], cfg.train.eval_batch_size, baselines),
         "step_ms": round(statistics.median(step_ms), 3), "steps": step, "train_seconds": round(train_seconds, 2),
@@ -162,6 +174,15 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
 
 def load_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     return load_file(str(path), device=str(device))
+
+
+def selection_score(acc: dict[str, float], select_on: str) -> float:
+    """The validation score an epoch is chosen by: the fused head's accuracy, or the mean over unimodal
+    heads (unimodal-alone training is a per-modality reference; its fused head is only a probe)."""
+    if select_on == "fused":
+        return acc["fused"]
+    heads = [v for k, v in acc.items() if k != "fused"]
+    return sum(heads) / len(heads)
 
 
 def conflict_rates(rows: list[dict[str, Any]], modalities: list[str]) -> dict[str, float]:
