@@ -26,7 +26,7 @@ interleaved in blocks (``common.interleaved_timing``) so machine drift hits all 
 Reported: median step times and the ratios mmpareto / uniform (target <= 1.7) and published / mmpareto
 (target >= 1.4), each from one run. JSON in benchmarks/results/mmpareto.json.
 
-    python benchmarks/bench_mmpareto.py --preset recipe --steps 30
+    python benchmarks/bench_mmpareto.py                       # both presets, 20 timed steps each
     python benchmarks/bench_mmpareto.py --preset resnet18 --steps 10 --batch 32
 """
 
@@ -44,12 +44,13 @@ from counterpoint.models.fusion import MultimodalClassifier, build_classifier
 from counterpoint.objectives.balance import classification_losses
 from counterpoint.optim import MMPareto, Uniform, min_norm_two
 
-# "recipe": the encoders of configs/balance_av.yaml at the AV benchmark's input sizes; "resnet18": the
-# published encoders (ResNet-18 stages, 64..512 channels) on small inputs so a CPU step stays near a second.
+# "recipe": the encoders of configs/balance_av.yaml at the AV benchmark's input sizes, batch 64; "resnet18":
+# the published encoders (ResNet-18 stages, 64..512 channels) on 32 x 32 inputs, batch 16, so that a CPU step
+# stays near a second.
 PRESETS: dict[str, dict[str, Any]] = {
-    "recipe": {"audio": (28, 32), "visual": (3, 16, 16), "dim": 64,
+    "recipe": {"audio": (28, 32), "visual": (3, 16, 16), "dim": 64, "batch": 64,
                "encoders": {"audio": EncoderConfig(stem_stride=2), "visual": EncoderConfig()}},
-    "resnet18": {"audio": (64, 64), "visual": (3, 32, 32), "dim": 512,
+    "resnet18": {"audio": (32, 32), "visual": (3, 32, 32), "dim": 512, "batch": 16,
                  "encoders": {k: EncoderConfig(widths=(64, 128, 256, 512), depths=(2, 2, 2, 2))
                               for k in ("audio", "visual")}},
 }
@@ -97,10 +98,11 @@ def combiner_step(model: MultimodalClassifier, batch: dict[str, torch.Tensor], o
     optimizer.step()
 
 
-def run(preset: str, batch_size: int, steps: int, warmup: int, block: int, threads: int) -> dict[str, Any]:
+def run(preset: str, batch_size: int | None, steps: int, warmup: int, block: int, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = PRESETS[preset]
+    batch_size = batch_size or spec["batch"]
     gen = torch.Generator().manual_seed(0)
     batch = {"audio": torch.randn(batch_size, *spec["audio"], generator=gen),
              "visual": torch.randint(0, 256, (batch_size, *spec["visual"]), generator=gen, dtype=torch.uint8),
@@ -127,7 +129,7 @@ def run(preset: str, batch_size: int, steps: int, warmup: int, block: int, threa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=["recipe", "resnet18"])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None, help="default: the preset's")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--block", type=int, default=5)
