@@ -2,13 +2,18 @@
 table (markdown + JSON) and the Figure-1-style plots.
 
 Every run is an ordinary balance run (its own run directory under ``out_dir``, model selection on val, test
-evaluated once for the selected checkpoint); the benchmark is generated or loaded once and shared.
+evaluated once for the selected checkpoint); the benchmark is generated or loaded once and shared. A run
+whose directory already holds a finished run of the very same config is reused, so an interrupted
+comparison continues where it stopped and a finished one is re-summarised in seconds (``--overwrite``
+retrains everything).
 
 ``compare.json``: ``methods`` (label -> ``acc`` / ``shapley`` -> name -> ``{"mean", "std", "values"}`` over
-seeds on test, ``selected_epoch``, ``step_ms``, ``conflict_rate``), ``weak_modality`` (lowest mean
-unimodal-head accuracy under ``joint``, else under ``unimodal``, else under the first method), ``seeds``, ``imbalance``
+seeds on test, ``selected_epoch``, ``step_ms``, ``conflict_rate``), ``weak_modality`` (the modality joint training
+leaves furthest below its unimodal-alone accuracy when both methods ran, else the lowest unimodal-head accuracy
+of the first method), ``seeds``, ``imbalance``
 (when ``joint`` and ``unimodal`` both ran: the weak modality's accuracy under each and the gap in points),
-``versus_uniform`` (each MMPareto entry's fused mean minus uniform's, when uniform ran), ``seconds``.
+``versus_uniform`` (each MMPareto entry's fused mean minus uniform's, when uniform ran), ``wall_seconds`` (of
+this invocation; reused runs cost nothing) and ``train_seconds`` (sum over runs of their training time).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm import tqdm
 
+from counterpoint.config import to_dict
 from counterpoint.report.plots_balance import plot_compare_accuracy, plot_compare_cosine
 from counterpoint.report.run_report import read_metrics
 from counterpoint.train.balance_config import BalanceConfig, MethodConfig
@@ -55,10 +62,12 @@ def _by_name(methods: tuple[MethodConfig, ...], name: str) -> str | None:
 def findings(table: dict[str, dict[str, Any]], methods: tuple[MethodConfig, ...],
              modalities: list[str]) -> dict[str, Any]:
     """The weak modality, the imbalance under joint training, and MMPareto against uniform."""
-    ref = _by_name(methods, "joint") or _by_name(methods, "unimodal") or methods[0].display
-    weak = min(modalities, key=lambda k: table[ref]["acc"][k]["mean"])
-    out: dict[str, Any] = {"weak_modality": weak}
     joint, alone = _by_name(methods, "joint"), _by_name(methods, "unimodal")
+    if joint and alone:  # under-trained by joint training: the largest drop below training alone
+        weak = max(modalities, key=lambda k: table[alone]["acc"][k]["mean"] - table[joint]["acc"][k]["mean"])
+    else:
+        weak = min(modalities, key=lambda k: table[methods[0].display]["acc"][k]["mean"])
+    out: dict[str, Any] = {"weak_modality": weak}
     if joint and alone:
         a, b = table[joint]["acc"][weak]["mean"], table[alone]["acc"][weak]["mean"]
         out["imbalance"] = {"joint": a, "unimodal": b, "gap_points": 100 * (b - a)}
@@ -68,6 +77,13 @@ def findings(table: dict[str, dict[str, Any]], methods: tuple[MethodConfig, ...]
         out["versus_uniform"] = {m.display: 100 * (table[m.display]["acc"]["fused"]["mean"] - base)
                                  for m in methods if m.name == "mmpareto"}
     return out
+
+
+def _finished(run_dir: Path, cfg: BalanceConfig) -> bool:
+    """A completed run (eval.json written) of exactly ``cfg``."""
+    if not (run_dir / "eval.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    return yaml.safe_load((run_dir / "config.yaml").read_text()) == to_dict(cfg)
 
 
 def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
@@ -120,7 +136,9 @@ def compare(cfg: BalanceConfig, overwrite: bool = False, command: str = "") -> P
             bar.set_postfix(method=method.display, seed=seed)
             run_cfg = dataclasses.replace(cfg, out_dir=str(out / f"{method.display}-seed{seed}"), seed=seed,
                                           method=method, train=dataclasses.replace(cfg.train, progress=False))
-            run_dir = train_balance(run_cfg, data, overwrite)
+            run_dir = Path(run_cfg.out_dir)
+            if overwrite or not _finished(run_dir, run_cfg):
+                train_balance(run_cfg, data, overwrite)
             results[method.display].append(json.loads((run_dir / "eval.json").read_text()))
             curves.setdefault(method.display, read_metrics(run_dir / "metrics.jsonl"))
             bar.update(1)
@@ -128,7 +146,9 @@ def compare(cfg: BalanceConfig, overwrite: bool = False, command: str = "") -> P
     modalities = results[methods[0].display][0]["modalities"]
     table = summarise(results)
     summary = {"methods": table, "seeds": list(cfg.compare.seeds), **findings(table, methods, modalities),
-               "seconds": round(time.perf_counter() - t0, 1), "benchmark": data.name, "data": data.info}
+               "wall_seconds": round(time.perf_counter() - t0, 1),
+               "train_seconds": round(sum(r["train_seconds"] for runs in results.values() for r in runs), 1),
+               "benchmark": data.name, "data": data.info}
     (out / "compare.json").write_text(json.dumps(summary, indent=2))
     plot_compare_accuracy(table, summary["weak_modality"], out / "compare_accuracy.png")
     plot_compare_cosine(curves, modalities, out / "compare_cosine.png")
