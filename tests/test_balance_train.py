@@ -174,9 +174,8 @@ def test_compare_command_in_a_real_process(tmp_path: Path) -> None:
             "compare.methods=[{name: joint}, {name: unimodal}, {name: mmpareto, gamma: 1.0, label: mmp1}]",
             *TINY_AV, *TINY_MODEL[:5], "train.epochs=1", "train.batch_size=32", "train.progress=false",
             "train.precise_bn_batches=1"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1",
-                               "PATH": "/usr/bin:/bin"})
+    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "compare.json").read_text())
     assert list(summary["methods"]) == ["joint", "unimodal", "mmp1"]
@@ -193,3 +192,9 @@ def test_compare_command_in_a_real_process(tmp_path: Path) -> None:
     md = (out / "compare.md").read_text()
     assert "| mmp1 |" in md and "Command: `counterpoint balance compare" in md
     assert (out / "compare_accuracy.png").is_file() and (out / "compare_cosine.png").is_file()
+    # Run again: the finished runs of the same config are reused (not retrained), a changed config is not.
+    stamp = (out / "joint-seed0" / "eval.json").stat().st_mtime_ns
+    assert subprocess.run(args, capture_output=True, timeout=300, env=env).returncode == 0
+    assert (out / "joint-seed0" / "eval.json").stat().st_mtime_ns == stamp
+    changed = subprocess.run([*args, "train.lr=0.03"], capture_output=True, text=True, timeout=300, env=env)
+    assert changed.returncode == 2 and "already holds a run" in changed.stderr
