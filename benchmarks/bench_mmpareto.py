@@ -98,7 +98,8 @@ def combiner_step(model: MultimodalClassifier, batch: dict[str, torch.Tensor], o
     optimizer.step()
 
 
-def run(preset: str, batch_size: int | None, steps: int, warmup: int, block: int, threads: int) -> dict[str, Any]:
+def run(preset: str, batch_size: int | None, steps: int, warmup: int, block: int, threads: int,
+        device: str = "cpu") -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = PRESETS[preset]
@@ -107,20 +108,21 @@ def run(preset: str, batch_size: int | None, steps: int, warmup: int, block: int
     batch = {"audio": torch.randn(batch_size, *spec["audio"], generator=gen),
              "visual": torch.randint(0, 256, (batch_size, *spec["visual"]), generator=gen, dtype=torch.uint8),
              "label": torch.randint(0, 8, (batch_size,), generator=gen)}
+    batch = {k: v.to(device) for k, v in batch.items()}
     models, fns = {}, {}
     procedures = {"uniform": Uniform(), "mmpareto": MMPareto(gamma=1.5), "published": None}
     for name, combiner in procedures.items():
         torch.manual_seed(0)  # identical weights for every procedure
         model = build_classifier({k: batch[k] for k in ("audio", "visual")}, 8, spec["dim"], "concat",
-                                 spec["encoders"])
+                                 spec["encoders"]).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
         models[name] = model
         fns[name] = ((lambda m=model, o=opt: published_step(m, batch, o)) if combiner is None else
                      (lambda m=model, o=opt, c=combiner: combiner_step(m, batch, o, c)))
-    times = interleaved_timing(fns, steps, warmup, block)
+    times = interleaved_timing(fns, steps, warmup, block, torch.cuda.synchronize if device == "cuda" else None)
     ms = {k: 1000 * median(v) for k, v in times.items()}
     params = sum(p.numel() for p in models["uniform"].parameters())
-    return {"preset": preset, "batch_size": batch_size, "steps": steps, "params": params,
+    return {"preset": preset, "device": device, "batch_size": batch_size, "steps": steps, "params": params,
             "median_ms": ms, "all_ms": {k: [round(1000 * t, 3) for t in v] for k, v in times.items()},
             "mmpareto_over_uniform": ms["mmpareto"] / ms["uniform"],
             "published_over_mmpareto": ms["published"] / ms["mmpareto"]}
@@ -134,9 +136,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--block", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", default="mmpareto.json", help="file name in benchmarks/results/")
     args = parser.parse_args()
     load_before = load_average()
-    results = [run(p, args.batch, args.steps, args.warmup, args.block, args.threads) for p in args.preset]
+    results = [run(p, args.batch, args.steps, args.warmup, args.block, args.threads, args.device)
+               for p in args.preset]
     meta = env_info()
     rows = [[r["preset"], r["batch_size"], f"{r['params'] / 1e6:.2f}M", f"{r['median_ms']['uniform']:.1f}",
              f"{r['median_ms']['mmpareto']:.1f}", f"{r['median_ms']['published']:.1f}",
@@ -144,7 +149,7 @@ def main() -> None:
     print(machine_line(meta))
     print(markdown_table(["model", "batch", "params", "uniform ms", "mmpareto ms", "published ms",
                           "mmpareto / uniform (<= 1.7)", "published / mmpareto (>= 1.4)"], rows))
-    write_json(RESULTS / "mmpareto.json", {"env": meta, "load_average_before": load_before,
+    write_json(RESULTS / args.out, {"env": meta, "load_average_before": load_before,
                                            "load_average_after": load_average(), "results": results})
 
 
