@@ -9,6 +9,10 @@ combiner has run, every head parameter it left without a gradient gets the gradi
 computed on **detached** encoder features. A probe therefore measures what its encoder(s) learned without
 changing any encoder: under ``joint`` the unimodal-head accuracy of a modality is the linear read-out of
 that modality's under-trained encoder, the quantity modality imbalance is about.
+
+OGM-GE's per-modality scores are computed from the unimodal heads' logits (probes under its default
+``base="fused"``). The paper splits the concat fusion head's weights per modality instead; a unimodal head
+measures the same thing (how well each encoder alone predicts the label) and works for every fusion type.
 """
 
 from __future__ import annotations
