@@ -5,6 +5,8 @@
     counterpoint data av-features ROOT --out data/cremad [--sample-rate 16000] [--frames 3] ...
     counterpoint train configs/clip_world.yaml [key=value ...] [--resume | --overwrite]
     counterpoint eval RUN_DIR [key=value ...]
+    counterpoint balance train configs/balance_av.yaml [key=value ...] [--overwrite]
+    counterpoint balance compare configs/balance_av.yaml [key=value ...] [--overwrite]
 
 A user mistake prints one line, ``counterpoint: error: ...``, and exits with code 2; no traceback.
 """
@@ -114,6 +116,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_balance(args: argparse.Namespace) -> int:
+    import json
+
+    from counterpoint.train.balance_config import load_balance_config
+
+    cfg = load_balance_config(args.config, args.overrides)
+    if args.balance_command == "train":
+        from counterpoint.train.balance_loop import train_balance
+
+        run_dir = train_balance(cfg, overwrite=args.overwrite)
+        result = json.loads((run_dir / "eval.json").read_text())
+        accs = ", ".join(f"{k} {v:.3f}" for k, v in result["test"]["acc"].items())
+        print(f"{run_dir}: test accuracy {accs} (epoch {result['selected_epoch']}, selected on val)")
+        print(f"report: {run_dir / 'report.md'}")
+        return 0
+    from counterpoint.train.balance_compare import compare
+
+    command = " ".join(["counterpoint balance compare", args.config, *args.overrides])
+    out = compare(cfg, overwrite=args.overwrite, command=command)
+    print((out / "compare.md").read_text())
+    return 0
+
+
 def _print_summary(run_dir: Path) -> None:
     import json
 
@@ -206,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.linear_probe=false")
     ev.set_defaults(func=_cmd_eval)
+
+    bal = sub.add_parser("balance", help="balanced multimodal classification (MMPareto and baselines)")
+    bal_sub = bal.add_subparsers(dest="balance_command", required=True)
+    for name, text in (("train", "train one method on one seed"),
+                       ("compare", "run compare.methods x compare.seeds and write a table")):
+        cmd = bal_sub.add_parser(name, help=text)
+        cmd.add_argument("config", help="YAML recipe, e.g. configs/balance_av.yaml")
+        cmd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=uniform")
+        cmd.add_argument("--overwrite", action="store_true", help="replace existing runs in out_dir")
+        cmd.set_defaults(func=_cmd_balance)
     return parser
 
 

@@ -194,6 +194,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         return "list"
+    if origin is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -226,6 +228,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(args) != len(value):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {len(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:  # string keys only (e.g. one sub-config per modality)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        value_type = typing.get_args(tp)[1]
+        return {str(k): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -275,6 +282,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     def plain(x: Any) -> Any:
         if dataclasses.is_dataclass(x):
             return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         return x
