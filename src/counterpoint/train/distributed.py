@@ -101,11 +101,15 @@ def distributed_session(device_name: str) -> Iterator[DistContext]:
     created = False
     if not dist.is_initialized() and launched_by_torchrun():
         device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size))
+        # torchrun's store outlives a restart; without a per-attempt prefix the restarted ranks read the dead
+        # ranks' gloo addresses and fail to connect ("Connection refused").
+        store = dist.PrefixStore(f"counterpoint/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size, device_id=device if device.type == "cuda" else None)
         created = True
     if dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
