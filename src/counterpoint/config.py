@@ -148,7 +148,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         (all(k >= 1 for k in cfg.eval.recall_at), "eval.recall_at values must be >= 1"),
         (cfg.train.translate >= 0, "train.translate must be >= 0"),
         (cfg.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
-        (cfg.train.batch_size % cfg.train.accum_steps == 0,
+        (cfg.train.accum_steps < 1 or cfg.train.batch_size % cfg.train.accum_steps == 0,
          "train.batch_size must be divisible by train.accum_steps"),
     ]
     for ok, message in checks:
