@@ -42,6 +42,39 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of WebDataset shards to stream, and its share of the mix (weights are relative)."""
+
+    shards: str | tuple[str, ...] = ""  # a brace pattern, glob or folder, or a list of them
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ConfigError("data.stream.sources: every source needs shards (a pattern, folder or list of .tar)")
+        if not self.weight > 0:
+            raise ConfigError(f"data.stream.sources: weight must be > 0, got {self.weight}")
+
+
+@dataclass
+class StreamConfig:
+    """Training batches streamed from WebDataset shards by ``counterpoint.data.streaming`` (decoded in
+    ``num_workers`` processes, resumable mid-epoch) instead of ``data.train`` read into memory; off while
+    ``sources`` is empty. One source runs in epochs unless ``resampled``; several are mixed by weight."""
+
+    sources: tuple[SourceConfig, ...] = ()
+    resampled: bool = False  # draw shards with replacement: an endless stream
+    remainder: Literal["drop", "wrap"] = "drop"  # an epoch's samples beyond whole global batches
+    num_workers: int = 2
+    prefetch_factor: int = 2  # batches each worker decodes ahead
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.stream.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"data.stream.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+
+@dataclass
 class DataConfig:
     """Where training and evaluation data come from.
 
@@ -55,6 +88,7 @@ class DataConfig:
     classes: str = "data/world/world.json"  # JSON with "classes", "templates" and optionally "heldout"
     max_train_samples: int | None = None
     caption_key: str = "txt"
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
 
 @dataclass

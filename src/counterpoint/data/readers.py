@@ -54,6 +54,11 @@ class SkipStats:
         if len(self.examples) < 10:
             self.examples.append(f"{reason}: {where}")
 
+    def merge(self, other: SkipStats) -> None:
+        """Add ``other``'s counts (e.g. those a loader worker sent back with a batch)."""
+        self.counts.update(other.counts)
+        self.examples.extend(other.examples[: 10 - len(self.examples)])
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -82,28 +87,36 @@ def _decode_caption(payload: bytes) -> str:
     return payload.decode("utf-8").strip()
 
 
-def _from_members(key: str, members: dict[str, bytes], caption_key: str, where: str,
-                  skips: SkipStats) -> RawSample | None:
+def metadata(members: dict[str, bytes]) -> dict:
+    """The sample's ``json`` member as a dict (``{}`` if absent or not a JSON object)."""
+    try:
+        meta = json.loads(members["json"].decode("utf-8")) if "json" in members else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def caption_of(members: dict[str, bytes], caption_key: str, meta: dict) -> str:
+    """The ``caption_key`` member, else ``txt``, else the ``caption_key`` or ``caption`` field of ``meta``;
+    ``""`` if none. Raises ``UnicodeDecodeError`` for text that is not UTF-8."""
+    if caption_key in members:
+        return _decode_caption(members[caption_key])
+    if "txt" in members:
+        return _decode_caption(members["txt"])
+    value = meta.get(caption_key, meta.get("caption"))
+    return value.strip() if isinstance(value, str) else ""
+
+
+def decode_members(key: str, members: dict[str, bytes], caption_key: str, where: str,
+                   skips: SkipStats) -> RawSample | None:
+    """The sample in one key's members (``{ext: bytes}``), or ``None`` (counted in ``skips``) if it is bad."""
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     if image_ext is None:
         skips.skip("missing_image", where)
         return None
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"].decode("utf-8"))
-            if not isinstance(meta, dict):
-                meta = {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            meta = {}
+    meta = metadata(members)
     try:
-        if caption_key in members:
-            caption = _decode_caption(members[caption_key])
-        elif "txt" in members:
-            caption = _decode_caption(members["txt"])
-        else:
-            value = meta.get(caption_key, meta.get("caption"))
-            caption = value.strip() if isinstance(value, str) else ""
+        caption = caption_of(members, caption_key, meta)
     except UnicodeDecodeError:
         skips.skip("bad_caption", where)
         return None
@@ -128,6 +141,16 @@ def _tar_files(path: str) -> list[Path]:
     return sorted(Path(x) for x in glob.glob(path))
 
 
+def member_key_ext(name: str) -> tuple[str, str] | None:
+    """``("0001", "jpg")`` for ``dir/0001.jpg``: the WebDataset key and extension (lower-cased) of a member
+    name, or ``None`` for hidden files and names without an extension."""
+    name = name.rsplit("/", 1)[-1]
+    if name.startswith(".") or "." not in name:
+        return None
+    key, ext = name.split(".", 1)
+    return key, ext.lower()
+
+
 def iter_tar_groups(tar_path: Path, skips: SkipStats) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {ext: bytes})`` for consecutive members sharing a key (WebDataset convention)."""
     try:
@@ -141,16 +164,16 @@ def iter_tar_groups(tar_path: Path, skips: SkipStats) -> Iterator[tuple[str, dic
         for member in tar:
             if not member.isfile():
                 continue
-            name = member.name.rsplit("/", 1)[-1]
-            if name.startswith(".") or "." not in name:
+            parts = member_key_ext(member.name)
+            if parts is None:
                 continue
-            k, ext = name.split(".", 1)
+            k, ext = parts
             if k != key and key is not None:
                 yield key, group
                 group = {}
             key = k
             fh = tar.extractfile(member)
-            group[ext.lower()] = fh.read() if fh is not None else b""
+            group[ext] = fh.read() if fh is not None else b""
     except (tarfile.TarError, OSError, EOFError):
         skips.skip("truncated_shard", str(tar_path))
         truncated = True  # the group being read is incomplete (it may lack its caption or label): drop it
@@ -163,7 +186,7 @@ def iter_tar_groups(tar_path: Path, skips: SkipStats) -> Iterator[tuple[str, dic
 def iter_webdataset(path: str, caption_key: str, skips: SkipStats) -> Iterator[RawSample]:
     for tar_path in _tar_files(path):
         for key, members in iter_tar_groups(tar_path, skips):
-            sample = _from_members(key, members, caption_key, f"{tar_path.name}:{key}", skips)
+            sample = decode_members(key, members, caption_key, f"{tar_path.name}:{key}", skips)
             if sample is not None:
                 yield sample
 
@@ -234,7 +257,7 @@ def iter_folder(path: str, caption_key: str, skips: SkipStats) -> Iterator[RawSa
         if "txt" not in members and "json" not in members:
             skips.skip("missing_caption", where)
             continue
-        sample = _from_members(img_path.stem, members, caption_key, where, skips)
+        sample = decode_members(img_path.stem, members, caption_key, where, skips)
         if sample is not None:
             yield sample
 

@@ -2,7 +2,8 @@
 
 The built-in world goes through these, so the demo exercises exactly the readers that real data uses.
 Shards are written to a temporary name and renamed when complete, so a crash never leaves a truncated shard
-that looks finished.
+that looks finished. Beside them, ``sizes.json`` maps each shard's name to its sample count (OpenCLIP's
+convention): a streaming loader plans an epoch from it without opening every shard.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 class ShardWriter:
-    """Writes ``shard-000000.tar``, ``shard-000001.tar``, ... with at most ``samples_per_shard`` each."""
+    """Writes ``shard-000000.tar``, ``shard-000001.tar``, ... with at most ``samples_per_shard`` each, and
+    ``sizes.json`` (shard name -> samples) on close."""
 
     def __init__(self, out_dir: str | Path, samples_per_shard: int = 5000, image_format: str = "png") -> None:
         self.out_dir = Path(out_dir)
@@ -69,6 +71,7 @@ class ShardWriter:
         self.image_format = image_format
         self.shard = 0
         self.count = 0
+        self.sizes: dict[str, int] = {}
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
 
@@ -80,7 +83,9 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        os.replace(self._tmp, self.out_dir / f"shard-{self.shard:06d}.tar")
+        name = f"shard-{self.shard:06d}.tar"
+        os.replace(self._tmp, self.out_dir / name)
+        self.sizes[name] = self.count - sum(self.sizes.values())
         self._tar = None
         self.shard += 1
 
@@ -98,6 +103,10 @@ class ShardWriter:
 
     def close(self) -> None:
         self._close()
+        if self.sizes:
+            tmp = self.out_dir / ".sizes.json.tmp"
+            tmp.write_text(json.dumps(self.sizes, indent=2))
+            os.replace(tmp, self.out_dir / "sizes.json")
 
     def __enter__(self) -> ShardWriter:
         return self
