@@ -63,6 +63,14 @@ class DistContext:
         dist.all_reduce(t)
         return dict(zip(values, (t / self.world_size).tolist()))
 
+    def min_int(self, value: int) -> int:
+        """The smallest ``value`` over ranks."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t)
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (picklable objects)."""
         if self.world_size == 1:

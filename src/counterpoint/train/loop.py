@@ -1,7 +1,8 @@
 """Contrastive pretraining loop: data -> task -> backward -> clip -> step, with logging and checkpoints.
 
-Exact resume: the batch order is a function of (seed, epoch), per-step augmentation randomness of
-(seed, step), the learning rate of the step, and everything else that changes (weights, buffers, Adam
+Exact resume: the batch order is a function of (seed, epoch) in memory, or of the loader position saved in
+the checkpoint when streaming shards (``train/batches.py``); per-step augmentation randomness is one of
+(seed, step), the learning rate one of the step, and everything else that changes (weights, buffers, Adam
 moments) is in the checkpoint. A run stopped at step k and resumed therefore replays the very same steps.
 """
 
@@ -19,10 +20,8 @@ import torch
 from tqdm import tqdm
 
 from counterpoint.config import RunConfig, save_config
-from counterpoint.data.pairs import PairSet, batch_indices, load_pairs
 from counterpoint.data.readers import detect_format
 from counterpoint.data.tokenizer import Tokenizer
-from counterpoint.data.transforms import normalize, random_translate
 from counterpoint.errors import UserError
 from counterpoint.evaluate.runner import evaluate_model, load_classes
 from counterpoint.models.presets import ModelSpec, build_model, resolve_spec
@@ -32,6 +31,7 @@ from counterpoint.objectives.distributed import world_info
 from counterpoint.report.plots import plot_curves, plot_eval
 from counterpoint.report.run_report import read_metrics, write_report
 from counterpoint.train import checkpoint as ckpt
+from counterpoint.train.batches import training_batches
 from counterpoint.train.distributed import (
     DistContext,
     ParallelTask,
@@ -81,21 +81,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def make_batch(pairs: PairSet, tokens: torch.Tensor, idx: torch.Tensor, cfg: RunConfig, step: int,
-               device: torch.device, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-    """Rank ``rank``'s contiguous share of the global batch ``idx``, augmented as one process would."""
-    local = len(idx) // world_size
-    idx = idx[rank * local : (rank + 1) * local]
-    images = pairs.images[idx]
-    if cfg.train.translate > 0:
-        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-        images = random_translate(images, cfg.train.translate, gen, offset=rank * local, total=local * world_size)
-    return {"image": normalize(images.to(device, non_blocking=True)), "text": tokens[idx].to(device)}
-
-
 def check_data_paths(cfg: RunConfig) -> None:
     """Fail before training, not after it, when an evaluation input is missing."""
-    detect_format(cfg.data.train)
+    if not cfg.data.stream.sources:
+        detect_format(cfg.data.train)
     if cfg.eval.retrieval and cfg.data.test:
         detect_format(cfg.data.test)
     if (cfg.eval.zeroshot or cfg.eval.linear_probe) and cfg.data.zeroshot:
@@ -136,15 +125,15 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
             resolve_spec(cfg.model.name, embed_dim=cfg.model.embed_dim, image_size=cfg.model.image_size,
                          context_length=cfg.model.context_length, vocab_size=cfg.model.vocab_size))
 
-    pairs = load_pairs(cfg.data.train, spec.image_size, cfg.data.caption_key, cfg.data.max_train_samples,
-                       progress, desc="reading train")
+    data = training_batches(cfg, spec.image_size, ctx, progress)
     if meta:
         tokenizer = Tokenizer.from_file(resume_from / "tokenizer.json", spec.context_length)
+        data.load_state_dict(meta.get("data"))
     else:  # trained once and shared, so every rank holds the same vocabulary
-        trained = Tokenizer.train(pairs.captions, spec.vocab_size, spec.context_length) if ctx.is_main else None
+        trained = Tokenizer.train(data.captions(), spec.vocab_size, spec.context_length) if ctx.is_main else None
         tokenizer = Tokenizer.from_json(ctx.broadcast(trained.hf.to_str() if trained else None), spec.context_length)
         spec = dataclasses.replace(spec, vocab_size=tokenizer.vocab_size)
-    tokens = tokenizer(pairs.captions)  # [N, L], tokenised once for the whole run
+    data.set_tokenizer(tokenizer)
 
     bias = cfg.objective.init_logit_bias if cfg.objective.name == "siglip" else None
     model = build_model(spec, cfg.objective.init_temperature, bias, pad_id=tokenizer.pad_id,
@@ -162,24 +151,24 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     if resume and ctx.is_main:
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
-    steps_per_epoch = len(pairs) // bs
-    total_steps = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    steps_per_epoch = data.steps_per_epoch
+    if steps_per_epoch is None and cfg.train.max_steps is None:
+        raise UserError("a resampled or mixed stream has no epochs; set train.max_steps (the schedule's length)")
+    total_steps = (cfg.train.max_steps if steps_per_epoch is None
+                   else max(1, math.ceil(cfg.train.epochs * steps_per_epoch)))
     end_step = min(total_steps, cfg.train.max_steps or total_steps)
     extra = {"model_spec": dataclasses.asdict(spec), "model_name": cfg.model.name, "total_steps": total_steps,
-             "logit_bias": model.logit_bias is not None,
-             "data_skipped": pairs.skips.as_dict()}
+             "logit_bias": model.logit_bias is not None}
 
     def save(step: int) -> Path:
         model_sd, optim_sd = par.state_dicts(optimizer)  # a collective under FSDP2
         folder = run_dir / "checkpoints" / f"step-{step:08d}"
         if ctx.is_main:
             ckpt.save_checkpoint_state(run_dir / "checkpoints", step, model_sd, optim_sd, tokenizer.hf.to_str(),
-                                       extra, cfg.train.keep_checkpoints)
+                                       {**extra, "data": data.state_dict(), "data_skipped": data.info()["skipped"]},
+                                       cfg.train.keep_checkpoints)
         return folder
 
-    if ctx.is_main:
-        (run_dir / "data.json").write_text(json.dumps({"train": {"pairs": len(pairs),
-                                                                 "skipped": pairs.skips.as_dict()}}))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else nullcontext())
 
@@ -188,16 +177,14 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     bar = tqdm(total=(end_step - start_step) * bs, unit=" samples", unit_scale=True, desc="train",
                disable=not progress, dynamic_ncols=True)
     t_last = time.perf_counter()
-    batches = batch_indices(len(pairs), bs, cfg.seed, start_step)
+    batches = data.batches(start_step, device)
     try:
-        for step, idx in batches:
-            if step >= end_step:
-                break
+        # zip asks the range first: a streamed loader is not advanced past the last step
+        for step, batch in zip(range(start_step, end_step), batches):
             maybe_inject_fault(step, ctx.rank)
             lr = lr_at(step, total_steps, cfg.train.lr, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = make_batch(pairs, tokens, idx, cfg, step, device, ctx.rank, ctx.world_size)
             optimizer.zero_grad(set_to_none=True)
             losses, metrics = par.forward_backward(batch, cfg.train.accum_steps, autocast)
             grad_norm = par.clip_grad_norm(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
@@ -210,7 +197,8 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                 values = ctx.mean({"loss": sum(float(v.detach()) for v in losses.values()),
                                    **{f"loss/{k}": float(v.detach()) for k, v in losses.items()}, **metrics})
                 now = time.perf_counter()
-                row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr, **values,
+                row = {"step": done, "samples_seen": done * bs,
+                       **({"epoch": round(done / steps_per_epoch, 4)} if steps_per_epoch else {}), "lr": lr, **values,
                        "samples_per_s": round(cfg.train.log_every * bs / max(now - t_last, 1e-9), 1)}
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
@@ -225,6 +213,8 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
         bar.close()
         if log is not None:
             log.close()
+    if ctx.is_main:
+        (run_dir / "data.json").write_text(json.dumps({"train": data.info()}))
     final_step = max(start_step, end_step)  # the loop only leaves early by an exception
     final = save(final_step)
     ctx.barrier()  # the final checkpoint is on disk before anyone reads it
