@@ -8,6 +8,7 @@
     counterpoint balance train configs/balance_av.yaml [key=value ...] [--overwrite]
     counterpoint balance compare configs/balance_av.yaml [key=value ...] [--overwrite]
 
+Both ``train`` and ``eval`` run unchanged under ``torchrun --nproc-per-node N`` (see ``train/distributed.py``).
 A user mistake prints one line, ``counterpoint: error: ...``, and exits with code 2; no traceback.
 """
 
@@ -90,6 +91,12 @@ def _cmd_data_av_features(args: argparse.Namespace) -> int:
         print(f"  {example}")
     return 0
 
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from counterpoint.config import load_config
@@ -97,22 +104,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    _print_summary(run_dir)
+    if _is_main_process():
+        _print_summary(run_dir)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from counterpoint.config import load_config
-    from counterpoint.train.loop import finalize_run, load_run_model, pick_device
+    from counterpoint.train.distributed import distributed_session
+    from counterpoint.train.loop import finalize_run, load_run_model
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"'{run_dir}' is not a run directory (no config.yaml); pass the out_dir of a training run")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
-    device = pick_device(cfg.train.device)
-    model, tokenizer, meta = load_run_model(run_dir, device)
-    finalize_run(run_dir, model, tokenizer, cfg, device, meta["step"])
-    _print_summary(run_dir)
+    with distributed_session(cfg.train.device) as ctx:  # under torchrun the ranks share the evaluation
+        model, tokenizer, meta = load_run_model(run_dir, ctx.device)
+        finalize_run(run_dir, model, tokenizer, cfg, ctx.device, meta["step"])
+    if _is_main_process():
+        _print_summary(run_dir)
     return 0
 
 

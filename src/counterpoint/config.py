@@ -125,6 +125,11 @@ class TrainConfig:
     threads: int = 0  # 0: let torch decide
     progress: bool = True
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still follows `epochs`
+    # Under torchrun: "ddp" replicates the model, "fsdp" shards it (FSDP2). batch_size is the global batch,
+    # split evenly over the processes.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    accum_steps: int = 1  # >1: GradCache over this many micro-batches per process (same gradient, less memory)
+    grad_checkpointing: bool = False  # recompute transformer blocks in backward (less activation memory)
 
 
 @dataclass
@@ -176,6 +181,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (all(k >= 1 for k in cfg.eval.recall_at), "eval.recall_at values must be >= 1"),
         (cfg.train.translate >= 0, "train.translate must be >= 0"),
+        (cfg.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
+        (cfg.train.accum_steps < 1 or cfg.train.batch_size % cfg.train.accum_steps == 0,
+         "train.batch_size must be divisible by train.accum_steps"),
     ]
     for ok, message in checks:
         if not ok:

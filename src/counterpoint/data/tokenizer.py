@@ -54,6 +54,11 @@ class Tokenizer:
             raise CheckpointError(f"cannot read tokenizer '{path}': {exc}") from None
         return cls(hf, context_length)
 
+    @classmethod
+    def from_json(cls, text: str, context_length: int) -> Tokenizer:
+        """From the JSON a checkpoint stores (``tokenizer.hf.to_str()``)."""
+        return cls(HFTokenizer.from_str(text), context_length)
+
     def save(self, path: str | Path) -> None:
         self.hf.save(str(path))
 

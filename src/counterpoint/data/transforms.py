@@ -22,13 +22,18 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to ``max_shift`` pixels in x and y (edge padding), one offset per image."""
+def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator, offset: int = 0,
+                     total: int | None = None) -> torch.Tensor:
+    """Shift each image by up to ``max_shift`` pixels in x and y (edge padding), one offset per image.
+
+    ``images`` may be rows ``offset .. offset + B`` of a batch of ``total`` images whose shifts ``generator``
+    draws: a rank's share of the global batch then gets the very shifts one process gives those rows.
+    """
     if max_shift <= 0:
         return images
     b, _, h, w = images.shape
+    shifts = torch.randint(0, 2 * max_shift + 1, (total or b, 2), generator=generator)[offset : offset + b]
     padded = F.pad(images.float(), (max_shift,) * 4, mode="replicate")
-    shifts = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator)
     rows = torch.arange(h).view(1, h, 1) + shifts[:, 0].view(b, 1, 1)  # [B, H, 1]
     cols = torch.arange(w).view(1, 1, w) + shifts[:, 1].view(b, 1, 1)  # [B, 1, W]
     batch = torch.arange(b).view(b, 1, 1)

@@ -44,7 +44,9 @@ def load_classes(path: str) -> tuple[list[str], list[str], set[str]]:
 
 
 def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device: torch.device,
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False, across_ranks: bool = False) -> dict[str, Any]:
+    """Every configured evaluation of ``model``. ``across_ranks``: every rank of the process group calls this
+    and the work is shared (embeddings by shard, linear-probe fits by grid point); all get the same result."""
     result: dict[str, Any] = {"data": {"skipped": {}}}
     size = model.image_size
     ecfg = cfg.eval
@@ -52,8 +54,8 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
         test = load_pairs(cfg.data.test, size, cfg.data.caption_key, ecfg.max_retrieval_samples, progress,
                           desc="reading test")
         result["data"]["skipped"]["test"] = test.skips.as_dict()
-        img = embed_images(model, test.images, ecfg.batch_size, device)
-        txt = embed_texts(model, tokenizer, test.captions, ecfg.batch_size, device)
+        img = embed_images(model, test.images, ecfg.batch_size, device, across_ranks)
+        txt = embed_texts(model, tokenizer, test.captions, ecfg.batch_size, device, across_ranks)
         result["retrieval"] = {"n": len(test), **retrieval_metrics(img, txt, tuple(ecfg.recall_at))}
     if (ecfg.zeroshot or ecfg.linear_probe) and cfg.data.zeroshot:
         labelled = load_pairs(cfg.data.zeroshot, size, cfg.data.caption_key, None, progress,
@@ -65,9 +67,9 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
         if not keep:
             raise DataError(f"no image in '{cfg.data.zeroshot}' has a label from '{cfg.data.classes}'")
         targets = torch.tensor([index[labelled.labels[i]] for i in keep])
-        img = embed_images(model, labelled.images[keep], ecfg.batch_size, device)
+        img = embed_images(model, labelled.images[keep], ecfg.batch_size, device, across_ranks)
         if ecfg.zeroshot:
-            weights = class_embeddings(model, tokenizer, classes, templates, device)
+            weights = class_embeddings(model, tokenizer, classes, templates, device, across_ranks)
             is_heldout = torch.tensor([labelled.labels[i] in heldout for i in keep])
             zs: dict[str, Any] = {"num_classes": len(classes), "num_templates": len(templates)}
             for name, mask in (("all", torch.ones_like(is_heldout)), ("heldout", is_heldout),
@@ -76,5 +78,5 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
                     zs[name] = {**topk_accuracy(img[mask], weights, targets[mask]), "n": int(mask.sum())}
             result["zeroshot"] = zs
         if ecfg.linear_probe:
-            result["linear_probe"] = linear_probe(img, targets, seed=cfg.seed)
+            result["linear_probe"] = linear_probe(img, targets, seed=cfg.seed, across_ranks=across_ranks)
     return result

@@ -13,10 +13,11 @@ from counterpoint.models.two_tower import TwoTower
 
 
 def class_embeddings(model: TwoTower, tokenizer: Tokenizer, classnames: list[str], templates: list[str],
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     device: torch.device | str = "cpu", across_ranks: bool = False) -> torch.Tensor:
     """``[C, D]`` unit classifier weights: the normalised mean of each class's template embeddings."""
     texts = [t.format(c=name) for name in classnames for t in templates]
-    emb = embed_texts(model, tokenizer, texts, device=device).view(len(classnames), len(templates), -1)
+    emb = embed_texts(model, tokenizer, texts, device=device, across_ranks=across_ranks)
+    emb = emb.view(len(classnames), len(templates), -1)  # [C, T, D]
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 

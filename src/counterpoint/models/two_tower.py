@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from counterpoint.models.layers import Transformer
+
 
 class TwoTower(nn.Module):
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, init_temperature: float = 0.07,
@@ -37,6 +39,19 @@ class TwoTower(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"image": self.encode_image(images), "text": self.encode_text(tokens),
                 "logit_scale": self.logit_scale}
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> int:
+        """Recompute every transformer block's activations in the backward pass instead of storing them
+        (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): same gradients, activation memory
+        of one block per tower, about one extra forward. Returns how many transformer stacks it applies to.
+
+        A CNN tower is left as it is: recomputing BatchNorm in training mode would update its running
+        statistics twice per step.
+        """
+        stacks = [m for m in self.modules() if isinstance(m, Transformer)]
+        for m in stacks:
+            m.grad_checkpointing = enabled
+        return len(stacks)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float) -> None:

@@ -76,8 +76,11 @@ class ContrastiveTask:
     chunk_size: int = 0
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        u = self.model.encode_image(batch["image"])
-        v = self.model.encode_text(batch["text"])
+        return self.features_loss(self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"]))
+
+    def features_loss(self, u: torch.Tensor, v: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The loss of this rank's unit embeddings ``u``/``v`` ``[B, D]`` against the global batch (what
+        GradCache differentiates with respect to the embeddings)."""
         u_all, offset = gather_with_grad(u)
         v_all, _ = gather_with_grad(v)
         if self.loss == "clip":

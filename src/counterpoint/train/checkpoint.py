@@ -31,8 +31,7 @@ from counterpoint.errors import CheckpointError
 FORMAT = "counterpoint-checkpoint-v1"
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
@@ -44,7 +43,20 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     tokenizer_json: str | None, extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it and keep only the ``keep`` newest."""
+    """Write checkpoint ``step`` of ``model`` and ``optimizer`` (see :func:`save_checkpoint_state`)."""
+    return save_checkpoint_state(ckpt_root, step, model.state_dict(),
+                                 optimizer.state_dict() if optimizer is not None else None, tokenizer_json, extra,
+                                 keep)
+
+
+def save_checkpoint_state(ckpt_root: Path, step: int, model_state: dict[str, torch.Tensor],
+                          optimizer_state: dict[str, Any] | None, tokenizer_json: str | None, extra: dict[str, Any],
+                          keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it and keep only the ``keep`` newest.
+
+    ``model_state``/``optimizer_state``: full (unsharded) state dicts, the optimiser's keyed by parameter index
+    as ``Optimizer.state_dict()`` returns it.
+    """
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = ckpt_root / name
@@ -52,11 +64,11 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
     save_file(state, tmp / "model.safetensors", metadata={"format": FORMAT})
     meta: dict[str, Any] = {"format": FORMAT, "step": step, **extra}
-    if optimizer is not None:
-        tensors, opt_meta = _optimizer_tensors(optimizer)
+    if optimizer_state is not None:
+        tensors, opt_meta = _optimizer_tensors(optimizer_state)
         save_file(tensors, tmp / "optimizer.safetensors")
         meta["optimizer"] = opt_meta
     if tokenizer_json is not None:
@@ -119,7 +131,8 @@ def load_model_weights(ckpt: Path, model: nn.Module) -> None:
         raise CheckpointError(f"checkpoint '{ckpt}' does not match the model: {first}") from None
 
 
-def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+def read_optimizer_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The optimiser state dict of checkpoint ``ckpt`` (keyed by parameter index, as ``state_dict()``)."""
     tensors = _load_tensors(ckpt / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -129,4 +142,8 @@ def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, meta: dic
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    optimizer.load_state_dict(read_optimizer_state(ckpt, meta))

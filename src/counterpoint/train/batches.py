@@ -1,0 +1,120 @@
+"""Where a training step's batch comes from: pairs held in memory, or WebDataset shards streamed.
+
+Both hand each rank its share of the global batch of step ``s``, as a pure function of the seed and ``s``
+(in memory) or of the loader position saved in the checkpoint (streamed), so a resumed run continues with
+exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from counterpoint.config import RunConfig
+from counterpoint.data.pairs import PairSet, batch_indices, load_pairs
+from counterpoint.data.streaming import build_loader, read_captions
+from counterpoint.data.tokenizer import Tokenizer
+from counterpoint.data.transforms import normalize, random_translate
+from counterpoint.errors import UserError
+from counterpoint.train.distributed import DistContext
+
+TOKENIZER_CAPTIONS = 100_000  # captions read from the shards to train the tokenizer of a streamed run
+
+
+def _augment(images: torch.Tensor, cfg: RunConfig, step: int, ctx: DistContext, local: int) -> torch.Tensor:
+    """Per-step shifts drawn for the global batch; this rank applies those of its rows."""
+    if cfg.train.translate == 0:
+        return images
+    gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+    return random_translate(images, cfg.train.translate, gen, offset=ctx.rank * local, total=local * ctx.world_size)
+
+
+class InMemoryBatches:
+    """``data.train`` decoded into memory; step ``s`` takes rows of the ``(seed, epoch)`` permutation."""
+
+    def __init__(self, cfg: RunConfig, image_size: int, ctx: DistContext, progress: bool) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.pairs: PairSet = load_pairs(cfg.data.train, image_size, cfg.data.caption_key,
+                                         cfg.data.max_train_samples, progress, desc="reading train")
+        self.steps_per_epoch: int | None = len(self.pairs) // cfg.train.batch_size
+        self.tokens: torch.Tensor | None = None
+
+    def captions(self) -> list[str]:
+        return self.pairs.captions
+
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        self.tokens = tokenizer(self.pairs.captions)  # [N, L], tokenised once for the whole run
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Nothing to restore: the order is a function of the seed and the step."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return {"pairs": len(self.pairs), "skipped": self.pairs.skips.as_dict()}
+
+    def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batch of every step from ``start_step`` on (endless)."""
+        local = self.cfg.train.batch_size // self.ctx.world_size
+        for step, idx in batch_indices(len(self.pairs), self.cfg.train.batch_size, self.cfg.seed, start_step):
+            mine = idx[self.ctx.rank * local : (self.ctx.rank + 1) * local]  # contiguous share of the global batch
+            images = _augment(self.pairs.images[mine], self.cfg, step, self.ctx, local)
+            yield {"image": normalize(images.to(device, non_blocking=True)), "text": self.tokens[mine].to(device)}
+
+
+class StreamedBatches:
+    """WebDataset shards from ``data.stream`` (``counterpoint.data.streaming``): each rank reads its own run
+    of shards, and the loader position is part of the checkpoint (exact mid-epoch resume).
+
+    A sample that cannot be decoded shortens its rank's batch; all ranks then cut theirs to the shortest (the
+    feature gather needs equal sizes), so with damaged data a few good samples of that step go unused.
+    """
+
+    def __init__(self, cfg: RunConfig, image_size: int, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.loader = build_loader(cfg.data.stream, cfg.train.batch_size // ctx.world_size, image_size,
+                                   rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
+                                   caption_key=cfg.data.caption_key)
+        self.steps_per_epoch = self.loader.steps_per_epoch
+        self.tokenizer: Tokenizer | None = None
+
+    def captions(self) -> list[str]:
+        limit = self.cfg.data.max_train_samples or TOKENIZER_CAPTIONS
+        return read_captions(self.loader.plan.sources, limit, self.cfg.data.caption_key)
+
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            raise UserError("the checkpoint has no data position (it was not saved by a streamed run); resume "
+                            "with the data settings the run started with")
+        self.loader.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def info(self) -> dict[str, Any]:
+        return {"streamed_batches_per_rank": self.loader.batches, "skipped": self.loader.skips.as_dict()}
+
+    def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        if self.loader.batches != start_step:
+            raise UserError(f"the data position ({self.loader.batches} batches) does not match the checkpoint's "
+                            f"step {start_step}")
+        local = self.cfg.train.batch_size // self.ctx.world_size
+        for step, raw in enumerate(self.loader, start=start_step):
+            n = self.ctx.min_int(len(raw["caption"]))
+            images = _augment(raw["image"][:n], self.cfg, step, self.ctx, local)
+            yield {"image": normalize(images.to(device, non_blocking=True)),
+                   "text": self.tokenizer(raw["caption"][:n]).to(device)}
+
+
+def training_batches(cfg: RunConfig, image_size: int, ctx: DistContext,
+                     progress: bool) -> InMemoryBatches | StreamedBatches:
+    """Streamed when ``data.stream.sources`` names shards, else ``data.train`` in memory."""
+    if cfg.data.stream.sources:
+        return StreamedBatches(cfg, image_size, ctx)
+    return InMemoryBatches(cfg, image_size, ctx, progress)
