@@ -38,7 +38,7 @@ from counterpoint.report.balance_report import write_balance_report
 from counterpoint.report.plots_balance import plot_run_accuracy, plot_run_cosine
 from counterpoint.report.run_report import read_metrics
 from counterpoint.train.balance_config import BalanceConfig, BalanceDataConfig, build_method
-from counterpoint.train.loop import pick_device
+from counterpoint.train.distributed import pick_device
 
 
 def load_benchmark(cfg: BalanceDataConfig) -> ModalDataset:
