@@ -13,19 +13,43 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: every rank's ``[b, ...]`` block stacked into ``[world * b, ...]``. Backward: the gradient of
+    the stacked tensor summed over ranks, this rank's block returned: every rank's loss sends gradient to
+    our features. NCCL does the sum and the split in one reduce-scatter; gloo (CPU) has no reduce-scatter,
+    so it all-reduces and keeps its slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = world_info()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        grad = grad.clone()  # all_reduce works in place; autograd may still hold this buffer
+        dist.all_reduce(grad)
+        return grad.narrow(0, ctx.rank * ctx.rows, ctx.rows)
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' ``x`` concatenated along dim 0, *with* gradients flowing back to the owning rank, and the
     row offset of this rank's block.
 
     Gathering without gradients and re-inserting the local block (a common shortcut) is not equivalent: it
-    drops the gradient other ranks' losses send to our features and so scales it by 1/world_size. With
-    ``torch.distributed.nn.functional.all_gather`` the backward sums every rank's contribution, and DDP's
-    gradient averaging then yields exactly the single-process gradient of the global-batch loss.
-    Assumes equal local batch sizes (the loader drops ragged batches).
+    drops the gradient other ranks' losses send to our features and so scales it by 1/world_size. Here the
+    backward sums every rank's contribution (``_AllGatherWithGrad``), and DDP's gradient averaging then
+    yields exactly the single-process gradient of the global-batch loss. Assumes equal local batch sizes
+    (ranks cut their batches to the shortest).
     """
     rank, world = world_info()
     if world == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0), rank * x.shape[0]
+    return _AllGatherWithGrad.apply(x), rank * x.shape[0]
