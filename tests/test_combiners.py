@@ -612,3 +612,27 @@ def test_written_grads_support_in_place_ops():
         build_combiner(name).combine(losses, model.groups(), ctx)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4).step()
+
+
+@pytest.mark.parametrize("rescale", ["per_tensor", "per_encoder"])
+def test_pairwise_combiners_write_in_place_safely_over_aliased_gradients(rescale):
+    """The pairwise path combines g_m and g_u inside autograd's own buffers. Autograd may hand two
+    parameters the very same gradient tensor (through an add) or an expanded view (through a sum):
+    writing in place must then not corrupt a neighbour's gradient."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(3, dtype=torch.float64)), nn.Parameter(torch.randn(3, dtype=torch.float64))
+    c = nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+    h, w = nn.Parameter(torch.randn(3, dtype=torch.float64)), nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def losses():
+        z = a + b  # a and b receive one shared gradient tensor
+        return {"fused": (z * h).sum() + 0.5 * c.sum(),  # c: an expanded gradient of ones
+                "x": (z * w).sum() - 2.0 * (c * c).sum()}
+
+    enc = [a, b, c]
+    g_m = [g.clone() for g in torch.autograd.grad(losses()["fused"], enc)]
+    g_u = [g.clone() for g in torch.autograd.grad(losses()["x"], enc)]
+    expected, _, _ = mmpareto_expected(g_m, g_u, 1.5, rescale)
+    MMPareto(gamma=1.5, rescale=rescale).combine(losses(), {"x": enc, "heads": [h, w]})
+    for p, e in zip(enc, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)

@@ -161,7 +161,7 @@ def _set_grads(params: Sequence[Tensor], grads: Grads) -> None:
             continue
         if g.dtype != p.dtype:
             g = g.to(p.dtype)
-        if not g.is_contiguous():
+        if not (g.is_contiguous() or g.stride() == p.stride()):  # channels-last grads of such params stay
             g = g.contiguous()
         if g.numel():
             ptr = g.untyped_storage().data_ptr()
@@ -172,25 +172,45 @@ def _set_grads(params: Sequence[Tensor], grads: Grads) -> None:
         p.grad = g
 
 
-def _flat_dtype(params: Sequence[Tensor]) -> torch.dtype:
-    dtype = torch.float32
-    for p in params:
-        dtype = torch.promote_types(dtype, p.dtype)
-    return dtype
+def _acc(t: Tensor) -> Tensor:
+    """Inner products accumulate in at least float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _flatten(grads: Grads, params: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """One flat copy of an encoder's gradient (None -> zeros). The cat is the only copy; the per-tensor
-    results are views back into the flat buffer."""
-    parts = [
-        (g if g is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for g, p in zip(grads, params)
-    ]
-    return torch.cat(parts)
+def _flat_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """1-D views of ``a`` and ``b`` in one common element order, without copying when both are contiguous
+    or both channels-last (conv kernels of channels-last models): their inner product is then free of
+    copies. Mixed layouts fall back to ``reshape`` (a copy)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return a.view(-1), b.view(-1)
+    if a.dim() == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for t in (a, b)):
+        return a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1)  # views: NHWC order
+    return a.reshape(-1), b.reshape(-1)
 
 
-def _set_from_flat(params: Sequence[Tensor], flat: Tensor, present: Sequence[bool]) -> None:
-    for p, view, ok in zip(params, flat.split([p.numel() for p in params]), present):
-        p.grad = view.view_as(p).to(p.dtype) if ok else None
+def _dots(m: Tensor | None, u: Tensor | None, like: Tensor) -> Tensor:
+    """``[3]``: <m,m>, <u,u>, <m,u> of one parameter tensor's gradients (None -> zero)."""
+    zero = like.new_zeros((), dtype=torch.promote_types(like.dtype, torch.float32))
+    if m is None and u is None:
+        return torch.stack([zero, zero, zero])
+    if u is None:
+        fm = _acc(_flat_pair(m, m)[0])
+        return torch.stack([fm.dot(fm), zero, zero])
+    if m is None:
+        fu = _acc(_flat_pair(u, u)[0])
+        return torch.stack([zero, fu.dot(fu), zero])
+    fm, fu = (_acc(t) for t in _flat_pair(m, u))
+    return torch.stack([fm.dot(fm), fu.dot(fu), fm.dot(fu)])
+
+
+def _owned(g: Tensor, storages: set[int]) -> Tensor:
+    """``g`` itself when it may be written in place: autograd outputs can be expanded views or share
+    storage (e.g. through an add), and those are cloned first."""
+    if g.numel() and (0 in g.stride() or g.untyped_storage().data_ptr() in storages):
+        g = g.clone()
+    if g.numel():
+        storages.add(g.untyped_storage().data_ptr())
+    return g
 
 
 def _floats(stats: dict[str, Tensor]) -> dict[str, float]:
@@ -205,17 +225,18 @@ def _floats(stats: dict[str, Tensor]) -> dict[str, float]:
 
 @dataclass
 class _Pair:
-    """Flat g_m and g_u of one encoder and their inner products."""
+    """g_m and g_u of one encoder, per parameter tensor, and their inner products."""
 
     params: Sequence[Tensor]
-    m: Tensor
-    u: Tensor
-    dots: Tensor  # [3]: <m,m>, <u,u>, <m,u>
-    present: list[bool]
+    m: Grads
+    u: Grads
+    tensor_dots: Tensor  # [T, 3]: per tensor <m,m>, <u,u>, <m,u>
+    dots: Tensor  # [3]: the same over the whole encoder
 
 
 def _pairs(g_m: Grads, g_u: Grads, layout: _Layout, stats: dict[str, Tensor]) -> dict[str, _Pair]:
-    """Flatten g_m, g_u per encoder, compute their inner products and the diagnostic stats."""
+    """Per encoder: the inner products of g_m and g_u (per tensor and in all) and the diagnostic stats.
+    Nothing is copied: each tensor's dot products run on views of the gradients as autograd made them."""
     out: dict[str, _Pair] = {}
     for k in layout.modalities:
         sl = layout.slice(k)
@@ -223,17 +244,32 @@ def _pairs(g_m: Grads, g_u: Grads, layout: _Layout, stats: dict[str, Tensor]) ->
         if not params:
             continue
         gm, gu = g_m[sl], g_u[sl]
-        dtype = _flat_dtype(params)
-        m, u = _flatten(gm, params, dtype), _flatten(gu, params, dtype)
-        dots = torch.stack([m.dot(m), u.dot(u), m.dot(u)])
+        tensor_dots = torch.stack([_dots(m, u, p) for m, u, p in zip(gm, gu, params)])  # [T, 3]
+        dots = tensor_dots.sum(0)
         nm, nu = dots[:2].sqrt().unbind()
         cos = dots[2] / (nm * nu).clamp_min(_TINY)
         stats[f"cos/{k}"] = cos
         stats[f"norm_m/{k}"] = nm
         stats[f"norm_u/{k}"] = nu
         stats[f"conflict/{k}"] = (cos < 0).to(cos.dtype)
-        present = [a is not None or b is not None for a, b in zip(gm, gu)]
-        out[k] = _Pair(params, m, u, dots, present)
+        out[k] = _Pair(params, gm, gu, tensor_dots, dots)
+    return out
+
+
+def _combine_in_place(pair: _Pair, w_m: Tensor, w_u: Tensor, storages: set[int]) -> Grads:
+    """h = w_m g_m + w_u g_u per tensor, written into g_m's memory: no new buffers in the common case;
+    ``w_m``/``w_u`` are 0-dim tensors, so nothing synchronises with the device. Every aliased or expanded
+    g_m is cloned *before* the first write (``storages`` holds memory that must not be written)."""
+    targets = [_owned(m, storages) if m is not None else None for m in pair.m]
+    out: Grads = []
+    for h, u in zip(targets, pair.u):
+        if h is None:
+            out.append(None if u is None else u * w_u.to(u.dtype))  # rare: never write into g_u
+            continue
+        h.mul_(w_m.to(h.dtype))
+        if u is not None:
+            h.addcmul_(u, w_u.to(u.dtype))
+        out.append(h)
     return out
 
 
@@ -276,8 +312,8 @@ class _PairwiseCombiner(GradientCombiner):
         """dots [K, 3] (<m,m>, <u,u>, <m,u>) -> (w_m [K], w_u [K]); vectorised, no synchronisation."""
         raise NotImplementedError
 
-    def _rescale(self, h: Tensor, pair: _Pair) -> Tensor:
-        return h
+    def _rescale(self, h: Grads, pair: _Pair) -> None:
+        """Optionally rescale the combined encoder gradient ``h`` in place."""
 
     def combine(self, losses, groups, context=None):
         layout = _layout(groups, self.name)
@@ -285,18 +321,17 @@ class _PairwiseCombiner(GradientCombiner):
         g_m, g_u = _two_pass(losses, layout)
         stats: dict[str, Tensor] = {}
         pairs = _pairs(g_m, g_u, layout, stats)
-        for k in pairs:  # the flat copies now hold the encoder gradients; free the per-tensor ones
-            sl = layout.slice(k)
-            g_m[sl] = g_u[sl] = [None] * (sl.stop - sl.start)
+        heads = layout.slice(HEADS)
+        # The heads' gradients are read after the encoders' are written in place: never write into them.
+        storages = {g.untyped_storage().data_ptr() for g in (*g_m[heads], *g_u[heads]) if g is not None and g.numel()}
         if pairs:
             names = list(pairs)
             w_m, w_u = self._weights(torch.stack([pairs[k].dots for k in names]), stats, names)
             for i, k in enumerate(names):
-                pair = pairs.pop(k)  # drop the flats of an encoder as soon as it is done
-                h = pair.m * w_m[i]
-                h.addcmul_(pair.u, w_u[i])
-                _set_from_flat(pair.params, self._rescale(h, pair), pair.present)
-        heads = layout.slice(HEADS)
+                pair = pairs.pop(k)
+                h = _combine_in_place(pair, w_m[i], w_u[i], storages)
+                self._rescale(h, pair)
+                _set_grads(pair.params, h)
         _set_grads(layout.params[heads], _add(g_m[heads], g_u[heads], self.head_u_weight))
         return _floats(stats)
 
@@ -448,17 +483,23 @@ class MMPareto(_PairwiseCombiner):
         return 2 * alpha, 2 * (1 - alpha)
 
     def _rescale(self, h, pair):
-        s = pair.m + pair.u
+        """``|s_i|^2 = <m,m> + <u,u> + 2<m,u>`` per tensor from the inner products already taken (no pass
+        over s = g_m + g_u); ``|h_i|`` is measured on h itself (one read), since h may nearly cancel."""
+        present = [i for i, t in enumerate(h) if t is not None]
+        if not present:
+            return
+        mm, uu, mu = pair.tensor_dots[present].unbind(1)
+        ns2 = (mm + uu + 2 * mu).clamp_min(0)  # [T]
+        nh = torch.stack(torch._foreach_norm([h[i] for i in present])).to(ns2.dtype)  # [T]
         if self.rescale == "per_encoder":
-            nh, ns = torch.linalg.vector_norm(h), torch.linalg.vector_norm(s)
-            return h.mul_(torch.where(nh > 0, self.gamma * ns / nh, torch.zeros_like(nh)))
-        sizes = [p.numel() for p in pair.params]
-        h_views = list(h.split(sizes))
-        nh = torch.stack(torch._foreach_norm(h_views))  # [T]
-        ns = torch.stack(torch._foreach_norm(list(s.split(sizes))))
-        factor = torch.where(nh > 0, self.gamma * torch.maximum(ns, nh) / nh, torch.zeros_like(nh))
-        torch._foreach_mul_(h_views, list(factor.unbind()))  # in place on the views of h
-        return h
+            ns, nh_all = ns2.sum().sqrt(), nh.square().sum().sqrt()
+            factor = torch.where(nh_all > 0, self.gamma * ns / nh_all, torch.zeros_like(nh_all))
+            factor = factor.expand(len(present))
+        else:
+            ns = ns2.sqrt()
+            factor = torch.where(nh > 0, self.gamma * torch.maximum(ns, nh) / nh, torch.zeros_like(nh))
+        hs = [h[i] for i in present]
+        torch._foreach_mul_(hs, [f.to(t.dtype) for f, t in zip(factor.unbind(), hs)])
 
 
 class PCGrad(_PairwiseCombiner):
