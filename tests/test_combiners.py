@@ -614,8 +614,9 @@ def test_written_grads_support_in_place_ops():
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4).step()
 
 
+@pytest.mark.parametrize("split_groups", [False, True])
 @pytest.mark.parametrize("rescale", ["per_tensor", "per_encoder"])
-def test_pairwise_combiners_write_in_place_safely_over_aliased_gradients(rescale):
+def test_pairwise_combiners_write_in_place_safely_over_aliased_gradients(rescale, split_groups):
     """The pairwise path combines g_m and g_u inside autograd's own buffers. Autograd may hand two
     parameters the very same gradient tensor (through an add) or an expanded view (through a sum):
     writing in place must then not corrupt a neighbour's gradient."""
@@ -629,10 +630,22 @@ def test_pairwise_combiners_write_in_place_safely_over_aliased_gradients(rescale
         return {"fused": (z * h).sum() + 0.5 * c.sum(),  # c: an expanded gradient of ones
                 "x": (z * w).sum() - 2.0 * (c * c).sum()}
 
-    enc = [a, b, c]
-    g_m = [g.clone() for g in torch.autograd.grad(losses()["fused"], enc)]
-    g_u = [g.clone() for g in torch.autograd.grad(losses()["x"], enc)]
-    expected, _, _ = mmpareto_expected(g_m, g_u, 1.5, rescale)
-    MMPareto(gamma=1.5, rescale=rescale).combine(losses(), {"x": enc, "heads": [h, w]})
-    for p, e in zip(enc, expected):
-        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+    # split: a and b in different encoders, so the shared buffer crosses groups
+    groups = {"x": [a, c], "y": [b]} if split_groups else {"x": [a, b, c]}
+
+    def all_losses():
+        out = losses()
+        if split_groups:  # each unimodal loss reaches its own encoder only
+            out["x"] = (a * w).sum() - 2.0 * (c * c).sum()
+            out["y"] = (b * b).sum()
+        return out
+
+    expected = {}
+    for k, enc in groups.items():
+        g_m = [g.clone() for g in torch.autograd.grad(all_losses()["fused"], enc)]
+        g_u = [g.clone() for g in torch.autograd.grad(all_losses()[k], enc)]
+        expected[k] = mmpareto_expected(g_m, g_u, 1.5, rescale)[0]
+    MMPareto(gamma=1.5, rescale=rescale).combine(all_losses(), {**groups, "heads": [h, w]})
+    for k, enc in groups.items():
+        for p, e in zip(enc, expected[k]):
+            torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)

@@ -114,12 +114,20 @@ class StreamingLoader:
         dataset = PlannedBatches(self.plan, self.image_size, self.caption_key, start=self.batches)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
-        for batch in loader:
-            number = batch.pop("batch")
-            assert number == self.batches, f"batch {number} arrived when {self.batches} was due"
-            self.skips.merge(batch.pop("skips"))
-            self.batches += 1  # counted before the caller trains on it: a checkpoint after the step resumes after it
-            yield batch
+        try:
+            for batch in loader:
+                number = batch.pop("batch")
+                assert number == self.batches, f"batch {number} arrived when {self.batches} was due"
+                self.skips.merge(batch.pop("skips"))
+                self.batches += 1  # counted before the caller trains on it: a checkpoint after it resumes after it
+                yield batch
+        except DataError as exc:
+            # A worker's error comes back with the worker's whole traceback as its message; users get its
+            # last line, the error itself.
+            lines = str(exc).rstrip().splitlines()
+            if len(lines) == 1:
+                raise
+            raise DataError(lines[-1].removeprefix(f"{DataError.__module__}.{DataError.__qualname__}: ")) from None
 
     def state_dict(self) -> dict:
         """A small JSON-able position: batches handed out, the epoch, and what the position is valid for."""

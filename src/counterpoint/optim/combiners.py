@@ -256,13 +256,12 @@ def _pairs(g_m: Grads, g_u: Grads, layout: _Layout, stats: dict[str, Tensor]) ->
     return out
 
 
-def _combine_in_place(pair: _Pair, w_m: Tensor, w_u: Tensor, storages: set[int]) -> Grads:
-    """h = w_m g_m + w_u g_u per tensor, written into g_m's memory: no new buffers in the common case;
-    ``w_m``/``w_u`` are 0-dim tensors, so nothing synchronises with the device. Every aliased or expanded
-    g_m is cloned *before* the first write (``storages`` holds memory that must not be written)."""
-    targets = [_owned(m, storages) if m is not None else None for m in pair.m]
+def _combine_in_place(pair: _Pair, w_m: Tensor, w_u: Tensor) -> Grads:
+    """h = w_m g_m + w_u g_u per tensor, written into g_m's memory (made writable by ``_owned`` first): no
+    new buffers in the common case; ``w_m``/``w_u`` are 0-dim tensors, so nothing synchronises with the
+    device."""
     out: Grads = []
-    for h, u in zip(targets, pair.u):
+    for h, u in zip(pair.m, pair.u):
         if h is None:
             out.append(None if u is None else u * w_u.to(u.dtype))  # rare: never write into g_u
             continue
@@ -324,12 +323,14 @@ class _PairwiseCombiner(GradientCombiner):
         heads = layout.slice(HEADS)
         # The heads' gradients are read after the encoders' are written in place: never write into them.
         storages = {g.untyped_storage().data_ptr() for g in (*g_m[heads], *g_u[heads]) if g is not None and g.numel()}
+        for pair in pairs.values():  # before any write: autograd may share one buffer across encoders
+            pair.m = [_owned(m, storages) if m is not None else None for m in pair.m]
         if pairs:
             names = list(pairs)
             w_m, w_u = self._weights(torch.stack([pairs[k].dots for k in names]), stats, names)
             for i, k in enumerate(names):
                 pair = pairs.pop(k)
-                h = _combine_in_place(pair, w_m[i], w_u[i], storages)
+                h = _combine_in_place(pair, w_m[i], w_u[i])
                 self._rescale(h, pair)
                 _set_grads(pair.params, h)
         _set_grads(layout.params[heads], _add(g_m[heads], g_u[heads], self.head_u_weight))

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from counterpoint.config import save_config
+from counterpoint.config import ConfigError, save_config
 from counterpoint.data.av_world import make_av_world
 from counterpoint.data.multimodal import ModalDataset, ModalSplit
 from counterpoint.data.shortcut import make_shortcut
@@ -85,8 +85,17 @@ def _save_weights(model: MultimodalClassifier, folder: Path, meta: dict[str, Any
 
 
 def build_run_model(cfg: BalanceConfig, data: ModalDataset) -> MultimodalClassifier:
-    return build_classifier(data.splits["train"].inputs, len(data.classes), cfg.model.dim, cfg.model.fusion,
-                            cfg.model.encoders, pad_id=int(data.info.get("pad_id", 0)))
+    """The classifier for ``data``'s modalities; an encoder setting that cannot encode them (a text encoder
+    for spectrograms, a patch size that does not divide the input) is a one-line config error."""
+    unknown = sorted(set(cfg.model.encoders) - set(data.modalities))
+    if unknown:
+        raise ConfigError(f"model.encoders names {unknown}, which the data does not have; its modalities are "
+                          f"{data.modalities}")
+    try:
+        return build_classifier(data.splits["train"].inputs, len(data.classes), cfg.model.dim, cfg.model.fusion,
+                                cfg.model.encoders, pad_id=int(data.info.get("pad_id", 0)))
+    except ValueError as exc:
+        raise ConfigError(f"model.encoders: {exc}") from None
 
 
 def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrite: bool = False) -> Path:
@@ -96,10 +105,11 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    # before the run directory: a bad encoder setting leaves nothing behind
+    model = build_run_model(cfg, data).to(device)
     run_dir = _prepare_run_dir(cfg.out_dir, overwrite)
     save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    model = build_run_model(cfg, data).to(device)
     combiner = build_method(cfg.method, cfg.train.diagnostics, generator=torch.Generator(device).manual_seed(cfg.seed))
     task = BalanceTask(model, combiner)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,

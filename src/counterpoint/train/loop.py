@@ -176,7 +176,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     log = open(run_dir / "metrics.jsonl", "a") if ctx.is_main else None
     bar = tqdm(total=(end_step - start_step) * bs, unit=" samples", unit_scale=True, desc="train",
                disable=not progress, dynamic_ncols=True)
-    t_last = time.perf_counter()
+    t_last, last_logged = time.perf_counter(), start_step
     batches = data.batches(start_step, device)
     try:
         # zip asks the range first: a streamed loader is not advanced past the last step
@@ -199,10 +199,10 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                 now = time.perf_counter()
                 row = {"step": done, "samples_seen": done * bs,
                        **({"epoch": round(done / steps_per_epoch, 4)} if steps_per_epoch else {}), "lr": lr, **values,
-                       "samples_per_s": round(cfg.train.log_every * bs / max(now - t_last, 1e-9), 1)}
+                       "samples_per_s": round((done - last_logged) * bs / max(now - t_last, 1e-9), 1)}
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
-                t_last = now
+                t_last, last_logged = now, done
                 if log is not None:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -210,6 +210,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
             if done % cfg.train.checkpoint_every == 0 and done < end_step:
                 save(done)
     finally:
+        batches.close()  # a streamed loader's workers and open shards go now, not after the evaluation
         bar.close()
         if log is not None:
             log.close()
