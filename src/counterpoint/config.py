@@ -125,6 +125,9 @@ class TrainConfig:
     threads: int = 0  # 0: let torch decide
     progress: bool = True
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still follows `epochs`
+    # Training length in samples seen, instead of epochs: stays the same run when the batch size or the
+    # number of GPUs changes, and gives endless (resampled, mixed) streams their schedule length.
+    samples: int | None = None
     # Under torchrun: "ddp" replicates the model, "fsdp" shards it (FSDP2). batch_size is the global batch,
     # split evenly over the processes.
     parallel: Literal["ddp", "fsdp"] = "ddp"
@@ -174,6 +177,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (cfg.train.samples is None or cfg.train.samples >= 1, "train.samples must be >= 1"),
         (0 < cfg.objective.init_temperature < 1, "objective.init_temperature must be in (0, 1)"),
         (cfg.objective.max_logit_scale > 1, "objective.max_logit_scale must be > 1"),
         (cfg.objective.margin > 0, "objective.margin must be > 0"),

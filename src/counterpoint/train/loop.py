@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from counterpoint.config import RunConfig, save_config
 from counterpoint.data.readers import detect_format
+from counterpoint.data.stream_plan import steps_for_samples
 from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.errors import UserError
 from counterpoint.evaluate.runner import evaluate_model, load_classes
@@ -152,10 +153,14 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     steps_per_epoch = data.steps_per_epoch
-    if steps_per_epoch is None and cfg.train.max_steps is None:
-        raise UserError("a resampled or mixed stream has no epochs; set train.max_steps (the schedule's length)")
-    total_steps = (cfg.train.max_steps if steps_per_epoch is None
-                   else max(1, math.ceil(cfg.train.epochs * steps_per_epoch)))
+    if cfg.train.samples is not None:
+        total_steps = steps_for_samples(cfg.train.samples, cfg.train.batch_size)
+    elif steps_per_epoch is None and cfg.train.max_steps is None:
+        raise UserError("a resampled or mixed stream has no epochs; set train.samples (samples to train on) "
+                        "or train.max_steps")
+    else:
+        total_steps = (cfg.train.max_steps if steps_per_epoch is None
+                       else max(1, math.ceil(cfg.train.epochs * steps_per_epoch)))
     end_step = min(total_steps, cfg.train.max_steps or total_steps)
     extra = {"model_spec": dataclasses.asdict(spec), "model_name": cfg.model.name, "total_steps": total_steps,
              "logit_bias": model.logit_bias is not None}
