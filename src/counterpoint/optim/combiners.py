@@ -163,13 +163,7 @@ def _set_grads(params: Sequence[Tensor], grads: Grads) -> None:
             g = g.to(p.dtype)
         if not (g.is_contiguous() or g.stride() == p.stride()):  # channels-last grads of such params stay
             g = g.contiguous()
-        if g.numel():
-            ptr = g.untyped_storage().data_ptr()
-            if ptr in storages:
-                g = g.clone()
-                ptr = g.untyped_storage().data_ptr()
-            storages.add(ptr)
-        p.grad = g
+        p.grad = _owned(g, storages)
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -190,16 +184,10 @@ def _flat_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def _dots(m: Tensor | None, u: Tensor | None, like: Tensor) -> Tensor:
     """``[3]``: <m,m>, <u,u>, <m,u> of one parameter tensor's gradients (None -> zero)."""
-    zero = like.new_zeros((), dtype=torch.promote_types(like.dtype, torch.float32))
     if m is None and u is None:
-        return torch.stack([zero, zero, zero])
-    if u is None:
-        fm = _acc(_flat_pair(m, m)[0])
-        return torch.stack([fm.dot(fm), zero, zero])
-    if m is None:
-        fu = _acc(_flat_pair(u, u)[0])
-        return torch.stack([zero, fu.dot(fu), zero])
-    fm, fu = (_acc(t) for t in _flat_pair(m, u))
+        return like.new_zeros(3, dtype=torch.promote_types(like.dtype, torch.float32))
+    fm, fu = (_acc(t) for t in _flat_pair(m if m is not None else torch.zeros_like(u),
+                                         u if u is not None else torch.zeros_like(m)))
     return torch.stack([fm.dot(fm), fu.dot(fu), fm.dot(fu)])
 
 
