@@ -16,11 +16,13 @@ from counterpoint.cli import main
 from counterpoint.config import ConfigError
 from counterpoint.data.av_world import AVWorldConfig, make_av_world
 from counterpoint.data.multimodal import ModalDataset, ModalSplit
+from counterpoint.data.world import SHAPES
 from counterpoint.evaluate import modality as modality_eval
 from counterpoint.models.fusion import FUSIONS
 from counterpoint.train import balance_loop
 from counterpoint.train.balance_config import load_balance_config
-from counterpoint.train.balance_loop import build_run_model, load_weights, selection_score, train_balance
+from counterpoint.train.balance_loop import build_run_model, selection_score, train_balance
+from counterpoint.train.checkpoint import load_model_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,6 +48,7 @@ def test_av_world_is_deterministic_balanced_and_knobbed() -> None:
     clean = make_av_world(AVWorldConfig(train=16, val=8, test=8, image_noise=0.0, audio_snr_db=30.0))
     assert noisy.splits["train"].inputs["visual"].float().std() > clean.splits["train"].inputs["visual"].float().std()
     assert make_av_world(AVWorldConfig(train=8, val=8, test=8, label="colour")).classes[0] == "red"
+    assert make_av_world(AVWorldConfig(train=8, val=8, test=8, label="shape")).classes == list(SHAPES)
     with pytest.raises(ValueError, match="image_noise"):
         AVWorldConfig(image_noise=-1.0)
 
@@ -107,7 +110,7 @@ def test_model_selection_uses_val_and_tests_only_the_selected_checkpoint(tmp_pat
     assert sum(s is data.splits["test"] for s in evaluated) == 1  # test: once, after selection
     assert not any("test" in k for r in rows for k in r)  # and never logged during training
     model = build_run_model(cfg, data)
-    model.load_state_dict(load_weights(run / "checkpoints" / "best" / "model.safetensors"))
+    load_model_weights(run / "checkpoints" / "best", model)
     again = real(model, data.splits["test"])
     assert again["acc"] == pytest.approx(result["test"]["acc"])
 
@@ -130,7 +133,7 @@ def test_shortcut_benchmark_runs_with_one_channel_images(tmp_path: Path) -> None
     assert result["modalities"] == ["coloured", "grey"] and result["select_on"] == "unimodal"
 
 
-def test_uniform_logs_gradient_conflicts_and_joint_keeps_encoders_on_the_fused_loss(tmp_path: Path) -> None:
+def test_uniform_logs_gradient_conflicts_and_joint_without_diagnostics_logs_no_cosines(tmp_path: Path) -> None:
     data = make_av_world(AVWorldConfig(train=96, val=48, test=48))
     base = [*TINY_MODEL[:5], *TINY_TRAIN, "eval.shapley=false"]
     run = train_balance(load_balance_config(None, [f"out_dir={tmp_path / 'u'}", "method.name=uniform", *base]), data)

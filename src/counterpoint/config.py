@@ -285,7 +285,12 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a dataclass's own check (e.g. a generator config's __post_init__)
+        raise ConfigError(f"{prefix}{exc}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -343,12 +348,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults, merged with the YAML recipe at ``path``, merged with ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
+    """Defaults of ``cls``, merged with the YAML recipe at ``path``, merged with ``key=value`` overrides."""
     data: dict[str, Any] = load_yaml(path) if path is not None else {}
     for text in overrides:
         data = _deep_merge(data, parse_override(text))
-    return from_dict(RunConfig, data)
+    return from_dict(cls, data)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

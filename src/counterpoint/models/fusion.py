@@ -18,6 +18,7 @@ Fusion of the per-modality features ``f_k [B, D]``:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
@@ -28,7 +29,7 @@ from counterpoint.models.encoders import EncoderConfig, ModalityEncoder, build_e
 from counterpoint.models.layers import Block
 
 FusionKind = Literal["concat", "sum", "film", "gating", "attention"]
-FUSIONS: tuple[str, ...] = ("concat", "sum", "film", "gating", "attention")
+FUSIONS: tuple[str, ...] = typing.get_args(FusionKind)
 
 
 class ConcatFusion(nn.Module):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from counterpoint.models.fusion import ClassifierOutput, MultimodalClassifier
-from counterpoint.optim.combiners import OGMGE, GradientCombiner
+from counterpoint.optim.combiners import GradientCombiner
 
 FUSED = "fused"
 
@@ -46,20 +46,14 @@ class BalanceTask:
         self.groups = model.parameter_groups()
         self._heads = self.groups["heads"]
 
-    def __call__(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """The task contract: losses and batch accuracies (no gradients are computed)."""
-        out = self.model(batch)
-        return classification_losses(out, batch["label"]), _accuracies(out, batch["label"])
-
     def step(self, batch: Mapping[str, Tensor]) -> dict[str, float]:
         """Forward, combine, probes: sets ``p.grad`` of every parameter; returns losses, accuracies and the
         combiner's stats (cos/k, norm_m/k, ...) as floats for the log."""
         labels = batch["label"]
         out = self.model(batch)
         losses = classification_losses(out, labels)
-        context = None
-        if isinstance(self.combiner, OGMGE):
-            context = {"logits": {k: v.detach() for k, v in out.unimodal.items()}, "labels": labels}
+        # The unimodal logits: what OGM-GE scores modalities by (the other combiners ignore the context).
+        context = {"logits": {k: v.detach() for k, v in out.unimodal.items()}, "labels": labels}
         stats = self.combiner.combine(losses, self.groups, context)
         self._train_probes(out, labels)
         values = torch.stack([v.detach() for v in losses.values()]).tolist()

@@ -617,15 +617,21 @@ COMBINERS: dict[str, type[GradientCombiner]] = {
 }
 
 
-def build_combiner(name: str, **kwargs: Any) -> GradientCombiner:
-    """Build a registered combiner by name; a bad name or option is a ValueError naming the choices."""
+def build_combiner(name: str, where: str = "", **kwargs: Any) -> GradientCombiner:
+    """Build a registered combiner by name; a bad name or option is a ValueError naming the choices.
+    ``where`` (a config path such as ``"method"``) prefixes the messages."""
+    dot = f"{where}." if where else ""
     if name not in COMBINERS:
-        raise ValueError(f"unknown gradient combiner {name!r}; valid choices: {', '.join(sorted(COMBINERS))}")
+        raise ValueError(f"{dot}name: unknown method {name!r}; valid choices: {', '.join(sorted(COMBINERS))}")
     cls = COMBINERS[name]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:
-        raise ValueError(
-            f"gradient combiner {name!r} has no option(s) {unknown}; valid options: {accepted or 'none'}"
-        )
-    return cls(**kwargs)
+        raise ValueError(f"{dot}{unknown[0]} is not an option of method {name!r} "
+                         f"(valid options: {', '.join(accepted) or 'none'})")
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        if not where:
+            raise
+        raise ValueError(f"{where}: {exc}") from None

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def metric_series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in rows if key in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -29,11 +29,11 @@ def plot_curves(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
         for key in present:
-            steps, values = _series(rows, key)
+            steps, values = metric_series(rows, key)
             ax.plot(steps, values, label=key, linewidth=1.2)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        if logy and all(v > 0 for k in present for v in _series(rows, k)[1]):
+        if logy and all(v > 0 for k in present for v in metric_series(rows, k)[1]):
             ax.set_yscale("log")
         if len(present) > 1:
             ax.legend()

@@ -12,10 +12,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from counterpoint.report.plots import metric_series  # noqa: E402  (after the backend)
+
 
 def _cosines(rows: list[dict[str, Any]], modality: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[f"cos/{modality}"]) for r in rows if f"cos/{modality}" in r]
-    return [p[0] for p in pts], [p[1] for p in pts]
+    return metric_series(rows, f"cos/{modality}")
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

@@ -138,9 +138,12 @@ def compare(cfg: BalanceConfig, overwrite: bool = False, command: str = "") -> P
                                           method=method, train=dataclasses.replace(cfg.train, progress=False))
             run_dir = Path(run_cfg.out_dir)
             if overwrite or not _finished(run_dir, run_cfg):
-                train_balance(run_cfg, data, overwrite)
+                # a run cut off before its eval.json is started again; a finished one of another config is
+                # refused (train_balance) unless --overwrite
+                train_balance(run_cfg, data, overwrite or not (run_dir / "eval.json").is_file())
             results[method.display].append(json.loads((run_dir / "eval.json").read_text()))
-            curves.setdefault(method.display, read_metrics(run_dir / "metrics.jsonl"))
+            if method.display not in curves:  # the first seed's curves are plotted
+                curves[method.display] = read_metrics(run_dir / "metrics.jsonl")
             bar.update(1)
     bar.close()
     modalities = results[methods[0].display][0]["modalities"]

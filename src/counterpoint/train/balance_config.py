@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from counterpoint.config import ConfigError, _deep_merge, from_dict, load_yaml, parse_override
+from counterpoint.config import ConfigError, load_config
 from counterpoint.data.av_world import AVWorldConfig
 from counterpoint.data.shortcut import ShortcutConfig
 from counterpoint.models.encoders import EncoderConfig
@@ -122,22 +122,16 @@ def build_method(method: MethodConfig, diagnostics: bool, key: str = "method",
                  generator: torch.Generator | None = None) -> GradientCombiner:
     """The combiner of ``method``; ``diagnostics`` is passed to the combiners that can skip the
     cos(g_m, g_u) statistics (the others always compute them), ``generator`` to those that draw noise."""
-    if method.name not in COMBINERS:
-        raise ConfigError(f"{key}.name: unknown method {method.name!r}; valid: {', '.join(sorted(COMBINERS))}")
     options = method.options()
-    accepted = inspect.signature(COMBINERS[method.name].__init__).parameters
-    unknown = [k for k in options if k not in accepted]
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]} is not an option of method {method.name!r} "
-                          f"(its options: {', '.join(p for p in accepted if p != 'self') or 'none'})")
+    accepted = inspect.signature(COMBINERS[method.name].__init__).parameters if method.name in COMBINERS else {}
     if "diagnostics" in accepted:
         options["diagnostics"] = diagnostics
     if "generator" in accepted and generator is not None:
         options["generator"] = generator
     try:
-        return build_combiner(method.name, **options)
+        return build_combiner(method.name, key, **options)
     except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+        raise ConfigError(str(exc)) from None
 
 
 def validate(cfg: BalanceConfig) -> None:
@@ -177,20 +171,6 @@ def validate(cfg: BalanceConfig) -> None:
 
 def load_balance_config(path: str | Path | None = None, overrides: list[str] = ()) -> BalanceConfig:
     """Defaults, merged with the YAML recipe at ``path``, merged with ``key=value`` overrides; validated."""
-    data: dict[str, Any] = load_yaml(path) if path is not None else {}
-    for text in overrides:
-        data = _deep_merge(data, parse_override(text))
-    # The generators' configs check their own values (ValueError, message starting with the field).
-    section = data.get("data")
-    for name, cls in (("av_world", AVWorldConfig), ("shortcut", ShortcutConfig)):
-        knobs = section.get(name) if isinstance(section, dict) else None
-        if isinstance(knobs, dict):
-            try:
-                from_dict(cls, knobs, prefix=f"data.{name}.")
-            except ConfigError:
-                raise
-            except ValueError as exc:
-                raise ConfigError(f"data.{name}.{exc}") from None
-    cfg = from_dict(BalanceConfig, data)
+    cfg = load_config(path, overrides, BalanceConfig)
     validate(cfg)
     return cfg

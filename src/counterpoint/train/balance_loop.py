@@ -16,14 +16,13 @@ is evaluated for that checkpoint only, never used to choose), ``step_ms`` (media
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from counterpoint.config import ConfigError, save_config
@@ -38,7 +37,9 @@ from counterpoint.report.balance_report import write_balance_report
 from counterpoint.report.plots_balance import plot_run_accuracy, plot_run_cosine
 from counterpoint.report.run_report import read_metrics
 from counterpoint.train.balance_config import BalanceConfig, BalanceDataConfig, build_method
+from counterpoint.train.checkpoint import load_model_weights
 from counterpoint.train.distributed import pick_device
+from counterpoint.train.loop import prepare_run_dir
 
 
 def load_benchmark(cfg: BalanceDataConfig) -> ModalDataset:
@@ -60,19 +61,6 @@ def load_benchmark(cfg: BalanceDataConfig) -> ModalDataset:
         raise UserError(f"data.modalities: {unknown} not in dataset '{data.name}' (it has {data.modalities})")
     splits = {s: ModalSplit({m: d.inputs[m] for m in cfg.modalities}, d.labels) for s, d in data.splits.items()}
     return ModalDataset(data.name, data.classes, splits, data.info)
-
-
-def _prepare_run_dir(out_dir: str, overwrite: bool) -> Path:
-    run_dir = Path(out_dir)
-    if (run_dir / "metrics.jsonl").exists():
-        if not overwrite:
-            raise UserError(f"run directory '{run_dir}' already holds a run; pass --overwrite to start again or "
-                            "set out_dir=... to a new folder")
-        for name in ("metrics.jsonl", "eval.json", "report.md"):
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def _save_weights(model: MultimodalClassifier, folder: Path, meta: dict[str, Any]) -> None:
@@ -108,7 +96,7 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
     torch.manual_seed(cfg.seed)
     # before the run directory: a bad encoder setting leaves nothing behind
     model = build_run_model(cfg, data).to(device)
-    run_dir = _prepare_run_dir(cfg.out_dir, overwrite)
+    run_dir = prepare_run_dir(cfg.out_dir, resume=False, overwrite=overwrite, resumable=False)
     save_config(cfg, run_dir / "config.yaml")
     combiner = build_method(cfg.method, cfg.train.diagnostics, generator=torch.Generator(device).manual_seed(cfg.seed))
     task = BalanceTask(model, combiner)
@@ -162,7 +150,7 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
     bar.close()
     train_seconds = time.perf_counter() - t_start
 
-    model.load_state_dict(load_weights(run_dir / "checkpoints" / "best" / "model.safetensors", device))
+    load_model_weights(run_dir / "checkpoints" / "best", model)
     baselines = baseline_inputs(train, cfg.eval.baseline) if cfg.eval.shapley else None
     result = {
         "method": cfg.method.display, "combiner": repr(combiner), "seed": cfg.seed,
@@ -180,10 +168,6 @@ def train_balance(cfg: BalanceConfig, data: ModalDataset | None = None, overwrit
     plot_run_accuracy(rows, model.modalities, run_dir / "accuracy.png", best_epoch)
     write_balance_report(run_dir, result, cfg)
     return run_dir
-
-
-def load_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
 
 
 def selection_score(acc: dict[str, float], select_on: str) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -60,17 +61,17 @@ def load_run_model(path: str | Path, device: str | torch.device = "cpu") -> tupl
     return model.to(device).eval(), tokenizer, meta
 
 
-def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    run_dir = Path(cfg.out_dir)
+def prepare_run_dir(out_dir: str, resume: bool, overwrite: bool, resumable: bool = True) -> Path:
+    """The run directory, refusing to mix a new run into an old one unless resuming or overwriting."""
+    run_dir = Path(out_dir)
     has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
     if has_run and not (resume or overwrite):
-        raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it, "
-                        f"--overwrite to start again, or set out_dir=... to a new folder")
+        how = "pass --resume to continue it, --overwrite to start again," if resumable else \
+            "pass --overwrite to start again"
+        raise UserError(f"run directory '{run_dir}' already holds a run; {how} or set out_dir=... to a new folder")
     if overwrite and not resume and run_dir.exists():
         for name in ("metrics.jsonl", "eval.json", "report.md"):
             (run_dir / name).unlink(missing_ok=True)
-        import shutil
-
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -114,7 +115,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                         f"({ctx.world_size}) times train.accum_steps ({cfg.train.accum_steps})")
     run_dir = Path(cfg.out_dir)
     if ctx.is_main:
-        _prepare_run_dir(cfg, resume, overwrite)
+        prepare_run_dir(cfg.out_dir, resume, overwrite)
         save_config(cfg, run_dir / "config.yaml")
     ctx.barrier()  # nobody reads the run directory while rank 0 may still be clearing it
     torch.manual_seed(cfg.seed)
