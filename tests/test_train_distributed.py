@@ -203,8 +203,9 @@ def _stream_config(world: Path, shards: Path, out: Path, **train_kw: object):
 
 def test_streamed_run_resumes_mid_epoch_after_a_kill(world: Path, shards: Path, tmp_path: Path) -> None:
     """Shards streamed to 2 ranks; rank 1 dies at step 3, mid-epoch (4 steps an epoch), after the step-2
-    checkpoint: the restarted job resumes the loader at its saved position. Every sample of the epoch is
-    trained on exactly once, and losses and weights equal the uninterrupted run's bitwise."""
+    checkpoint: the restarted job resumes the loader at its saved position, and losses and weights equal the
+    uninterrupted run's bitwise (so it trained on the same batches). Each checkpoint stores the loader position
+    of its step, and the plan those loaders follow covers every sample of the epoch once."""
     full = tmp_path / "full"
     torchrun(_stream_config(world, shards, full, checkpoint_every=1, keep_checkpoints=10), tmp_path)
     marker = tmp_path / "died"

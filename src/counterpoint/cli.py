@@ -91,27 +91,22 @@ def _cmd_data_av_features(args: argparse.Namespace) -> int:
         print(f"  {example}")
     return 0
 
-def _is_main_process() -> bool:
-    """Rank 0 of a torchrun job, or a plain process: the one that prints."""
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from counterpoint.config import load_config
+    from counterpoint.train.distributed import is_main_process
     from counterpoint.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    if _is_main_process():
+    if is_main_process():
         _print_summary(run_dir)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from counterpoint.config import load_config
-    from counterpoint.train.distributed import distributed_session
+    from counterpoint.train.distributed import distributed_session, is_main_process
     from counterpoint.train.loop import finalize_run, load_run_model
 
     run_dir = Path(args.run_dir)
@@ -121,7 +116,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     with distributed_session(cfg.train.device) as ctx:  # under torchrun the ranks share the evaluation
         model, tokenizer, meta = load_run_model(run_dir, ctx.device)
         finalize_run(run_dir, model, tokenizer, cfg, ctx.device, meta["step"])
-    if _is_main_process():
+    if is_main_process():
         _print_summary(run_dir)
     return 0
 

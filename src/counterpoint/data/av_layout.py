@@ -42,17 +42,17 @@ place, so reading needs no more memory than the result.
 from __future__ import annotations
 
 import csv
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from counterpoint.data.audio import FbankConfig, kaldi_fbank, read_wav
+from counterpoint.data.audio import _EPS, FbankConfig, kaldi_fbank, read_wav
 from counterpoint.data.multimodal import SPLITS, ModalDataset, ModalSplit
 from counterpoint.data.readers import IMAGE_ERRORS, SkipStats, to_square_array
 from counterpoint.data.resample import resample
@@ -61,7 +61,7 @@ from counterpoint.errors import DataError
 # A first row whose clip or label cell is one of these names is a header.
 _CLIP_HEADERS = {"clip", "clip_id", "id", "name", "file", "filename", "path", "video", "video_id", "youtube_id"}
 _LABEL_HEADERS = {"label", "labels", "class", "class_name", "category", "emotion", "target"}
-_SILENCE = float(np.log(np.finfo(np.float32).eps))  # Kaldi's log-mel of an all-zero frame
+_SILENCE = math.log(_EPS)  # Kaldi's log-mel of an all-zero frame (log of its float32 floor)
 
 
 @dataclass(frozen=True)
@@ -145,12 +145,15 @@ def clip_fbank(path: Path, cfg: AVLayoutConfig) -> torch.Tensor:
         raise SkipClip("missing_audio")
     try:
         waveform, rate = read_wav(path)  # [samples], mono
-    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError) as e:  # soundfile's LibsndfileError is a RuntimeError
         raise SkipClip("corrupt_audio", str(e).splitlines()[0]) from None
     if rate != cfg.sample_rate and not cfg.resample:
         raise SkipClip("wrong_sample_rate", f"{rate} Hz, expected {cfg.sample_rate} (or pass resample)")
     waveform = resample(waveform, rate, cfg.sample_rate)
-    feats = kaldi_fbank(waveform * 32768.0, cfg.fbank)[: cfg.audio_frames]  # [<=T, F]
+    fb = cfg.fbank
+    if fb.snip_edges and fb.dither == 0:  # frame t reads samples [t*shift, t*shift + length): skip the rest
+        waveform = waveform[: (cfg.audio_frames - 1) * fb.frame_shift + fb.frame_length]
+    feats = kaldi_fbank(waveform * 32768.0, fb)[: cfg.audio_frames]  # [<=T, F]
     if feats.shape[0] == 0:
         raise SkipClip("short_audio", f"{waveform.numel()} samples, less than one frame")
     pad = cfg.audio_frames - feats.shape[0]

@@ -6,7 +6,7 @@ trainers and evaluation never know where the data came from.
 
 Input conventions per modality (the key is the modality's name, free to choose; these are the usual ones):
 
-* ``audio``:  float32 ``[N, T, F]`` log-mel filterbank frames (``counterpoint.data.audio.fbank``);
+* ``audio``:  float32 ``[N, T, F]`` log-mel filterbank frames (``counterpoint.data.audio.kaldi_fbank``);
 * ``visual``: uint8 ``[N, 3, H, W]`` one image, or ``[N, K, 3, H, W]`` K frames per clip;
 * ``text``:   int64 ``[N, L]`` token ids.
 
@@ -45,9 +45,6 @@ class ModalSplit:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-    def subset(self, index: torch.Tensor) -> ModalSplit:
-        return ModalSplit({k: v[index] for k, v in self.inputs.items()}, self.labels[index])
 
 
 @dataclass

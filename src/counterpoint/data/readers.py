@@ -38,8 +38,8 @@ from counterpoint.errors import DataError
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _CSV_IMAGE_COLUMNS = ("image", "filepath", "path", "file", "image_path")
 _CSV_CAPTION_COLUMNS = ("caption", "text", "title")
-# What a bad image file can raise; a decompression bomb (a header claiming a huge size) is one too.
-# What a corrupt or truncated image file raises while PIL decodes it (shared by every reader).
+# What a corrupt or truncated image file raises while PIL decodes it (shared by every reader); a
+# decompression bomb (a header claiming a huge size) is one too.
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 

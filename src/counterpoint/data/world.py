@@ -219,7 +219,8 @@ def _shape_polygon(shape: str, r: float, c: float, rot: float) -> list[tuple[flo
     if shape == "square":
         return regular(4, r * 1.05, math.pi / 4)
     if shape == "triangle":
-        # Shifted down by r/4 so the triangle's centroid, not its circumcentre, sits at the cell centre.
+        # Shifted down by r/4 so its bounding box (not its centroid, which sits r/4 low) is centred in the
+        # cell and the 1.2 r top vertex stays inside the mask.
         return [(x, y + r * 0.25) for x, y in regular(3, r * 1.2, -math.pi / 2)]
     if shape == "diamond":
         return [(c + x * math.cos(rot) - y * math.sin(rot), c + x * math.sin(rot) + y * math.cos(rot))

@@ -22,6 +22,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
+from counterpoint.data.shards import SIZES_FILE
+
 Format = Literal["wds", "csv", "folder"]
 
 
@@ -104,9 +106,9 @@ class ShardWriter:
     def close(self) -> None:
         self._close()
         if self.sizes:
-            tmp = self.out_dir / ".sizes.json.tmp"
+            tmp = self.out_dir / f".{SIZES_FILE}.tmp"
             tmp.write_text(json.dumps(self.sizes, indent=2))
-            os.replace(tmp, self.out_dir / "sizes.json")
+            os.replace(tmp, self.out_dir / SIZES_FILE)
 
     def __enter__(self) -> ShardWriter:
         return self

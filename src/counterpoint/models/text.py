@@ -34,8 +34,9 @@ class TextTransformer(nn.Module):
         as a key), so the blocks run on the packed real tokens only (see ``Packing``)."""
         keep = tokens != self.pad_id  # [B, L]
         packing = Packing.from_mask(keep)
-        # Embed the real tokens only: position of flat index i is i mod L.
-        x = self.token_embed(tokens.reshape(-1)[packing.index]) + self.pos_embed[0, packing.index % tokens.shape[1]]
+        # Embed the padded batch, then pack: embedding only the packed ids (and indexing pos_embed by position)
+        # made the backward's scatter-add differ run to run on CPU, which breaks bit-exact resume.
+        x = packing.pack(self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]])  # [T, width]
         if self.pool == "eot":
             # Causal: position t sees only <= t, so the <eot> token summarises the whole text (as CLIP).
             x = self.transformer(x, causal=True, packing=packing)

@@ -41,14 +41,6 @@ def _optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    tokenizer_json: str | None, extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` of ``model`` and ``optimizer`` (see :func:`save_checkpoint_state`)."""
-    return save_checkpoint_state(ckpt_root, step, model.state_dict(),
-                                 optimizer.state_dict() if optimizer is not None else None, tokenizer_json, extra,
-                                 keep)
-
-
 def save_checkpoint_state(ckpt_root: Path, step: int, model_state: dict[str, torch.Tensor],
                           optimizer_state: dict[str, Any] | None, tokenizer_json: str | None, extra: dict[str, Any],
                           keep: int = 2) -> Path:
@@ -143,7 +135,3 @@ def read_optimizer_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     return {"state": state, "param_groups": groups}
-
-
-def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    optimizer.load_state_dict(read_optimizer_state(ckpt, meta))

@@ -93,6 +93,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def restarted_by_torchrun() -> bool:
     """True in a job torchrun restarted after a failure (``--max-restarts``): the run must resume, not start."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -185,7 +190,7 @@ def _shard(root: TaskModule) -> list[nn.Parameter]:
     return scalars
 
 
-def _as_float(t: torch.Tensor) -> float:
+def as_float(t: torch.Tensor) -> float:
     """A scalar, also from a DTensor (FSDP2's gradient norm)."""
     full = getattr(t, "full_tensor", None)
     return float(full() if full is not None else t)
@@ -251,9 +256,10 @@ class ParallelTask:
             _average_grads(list(self.model.parameters()), self.ctx.world_size)
         return out["losses"], out["metrics"]
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip the global gradient norm (across shards under FSDP2) and return it before clipping."""
-        return _as_float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm (across shards under FSDP2) and return it before clipping, as a
+        tensor: ``as_float`` it on logging steps only (it synchronises with the device)."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     # ------------------------------------------------------------------------------------------------------
     # Full-state checkpoints in the one-process layout

@@ -37,6 +37,7 @@ from counterpoint.train.batches import training_batches
 from counterpoint.train.distributed import (
     DistContext,
     ParallelTask,
+    as_float,
     distributed_session,
     maybe_inject_fault,
     restarted_by_torchrun,
@@ -207,7 +208,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                        **({"epoch": round(done / steps_per_epoch, 4)} if steps_per_epoch else {}), "lr": lr, **values,
                        "samples_per_s": round((done - last_logged) * bs / max(now - t_last, 1e-9), 1)}
                 if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
+                    row["grad_norm"] = as_float(grad_norm)
                 t_last, last_logged = now, done
                 if log is not None:
                     log.write(json.dumps(row) + "\n")
