@@ -35,9 +35,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 def get_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer saved with a run or checkpoint (``tokenizer.json`` beside the weights)."""
     from counterpoint.train.checkpoint import read_state, resolve_checkpoint
+    from counterpoint.train.loop import load_tokenizer, spec_from_state
 
     folder = resolve_checkpoint(path)
-    return Tokenizer.from_file(folder / "tokenizer.json", read_state(folder)["model_spec"]["context_length"])
+    return load_tokenizer(folder, spec_from_state(read_state(folder), folder))
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ A user mistake prints one line, ``counterpoint: error: ...``, and exits with cod
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,10 @@ from counterpoint.errors import UserError
 
 if TYPE_CHECKING:
     from counterpoint.data.multimodal import ModalDataset
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                       errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EFBIG}
 
 
 def _cmd_data_make(args: argparse.Namespace) -> int:
@@ -114,8 +119,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"'{run_dir}' is not a run directory (no config.yaml); pass the out_dir of a training run")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     with distributed_session(cfg.train.device) as ctx:  # under torchrun the ranks share the evaluation
-        model, tokenizer, meta = load_run_model(run_dir, ctx.device)
-        finalize_run(run_dir, model, tokenizer, cfg, ctx.device, meta["step"])
+        model, tokenizer, meta = load_run_model(run_dir, ctx.device, expect=cfg.model)
+        finalize_run(run_dir, model, tokenizer, cfg, ctx.device, meta["step"], meta.get("model_name", cfg.model.name))
     if is_main_process():
         _print_summary(run_dir)
     return 0
@@ -260,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("counterpoint: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno is None or exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # The machine, not the user's input: a full disk, a read-only or vanished mount, a permission.
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"counterpoint: error: {exc.strerror or exc}{where}; what was written before is kept "
+              f"(a training run continues with --resume)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

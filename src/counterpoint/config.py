@@ -9,8 +9,11 @@ written next to the results of every run (``config.yaml``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,6 +136,9 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"
     accum_steps: int = 1  # >1: GradCache over this many micro-batches per process (same gradient, less memory)
     grad_checkpointing: bool = False  # recompute transformer blocks in backward (less activation memory)
+    # A loss or gradient that is not finite: "stop" the run with one line (the weights before that step are
+    # kept), or "skip" the update and go on (counted as nonfinite_steps in the log).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
@@ -165,7 +171,20 @@ class RunConfig:
 
 def _check_ranges(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
+    m, t = cfg.model, cfg.train
     checks: list[tuple[bool, str]] = [
+        (bool(cfg.out_dir.strip()), "out_dir must name a folder"),
+        (0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}"),
+        *[(v is None or v >= 1, f"model.{k} must be >= 1, got {v}")
+          for k, v in (("embed_dim", m.embed_dim), ("image_size", m.image_size),
+                       ("context_length", m.context_length), ("vocab_size", m.vocab_size))],
+        (cfg.data.max_train_samples is None or cfg.data.max_train_samples >= 1, "data.max_train_samples must be >= 1"),
+        (t.eps > 0, f"train.eps must be > 0, got {t.eps}"),
+        (all(0 <= b < 1 for b in t.betas), f"train.betas must both be in [0, 1), got {list(t.betas)}"),
+        (t.threads >= 0, "train.threads must be >= 0 (0: let torch decide)"),
+        (cfg.eval.max_retrieval_samples is None or cfg.eval.max_retrieval_samples >= 2,
+         "eval.max_retrieval_samples must be >= 2"),
+        (len(cfg.eval.recall_at) >= 1, "eval.recall_at must list at least one K"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (contrastive losses need negatives)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
@@ -192,6 +211,16 @@ def _check_ranges(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_device(cfg.train.device, "train.device")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(name: str, key: str) -> None:
+    """A device setting torch understands: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    if not _DEVICE.match(name):
+        raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,12 +286,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # No setting means anything at infinity or NaN; accepting one only postpones the failure to NaN weights.
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -284,6 +314,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing config key '{prefix}{missing[0]}'")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -325,7 +359,7 @@ def parse_override(text: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': cannot parse value ({exc.problem})") from None
+        raise ConfigError(f"override '{text}': cannot parse value ({_yaml_problem(exc)})") from None
     node: dict[str, Any] = {}
     cursor = node
     parts = key.split(".")
@@ -335,14 +369,24 @@ def parse_override(text: str) -> dict[str, Any]:
     return node
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem}{where}"
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; pass a YAML recipe such as configs/clip_world.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
     return data

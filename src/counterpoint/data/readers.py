@@ -40,6 +40,7 @@ _CSV_IMAGE_COLUMNS = ("image", "filepath", "path", "file", "image_path")
 _CSV_CAPTION_COLUMNS = ("caption", "text", "title")
 # What a corrupt or truncated image file raises while PIL decodes it (shared by every reader); a
 # decompression bomb (a header claiming a huge size) is one too.
+CSV_FIELD_LIMIT = 16 * 2**20  # bytes
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -59,6 +60,15 @@ class SkipStats:
         """Add ``other``'s counts (e.g. those a loader worker sent back with a batch)."""
         self.counts.update(other.counts)
         self.examples.extend(other.examples[: 10 - len(self.examples)])
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SkipStats:
+        """The inverse of :meth:`as_dict` (e.g. counts saved in a checkpoint); malformed entries are ignored."""
+        by_reason = data.get("by_reason") if isinstance(data, dict) else None
+        counts = Counter({str(k): v for k, v in (by_reason or {}).items()
+                          if isinstance(v, int) and not isinstance(v, bool) and v > 0})
+        examples = [str(e) for e in (data.get("examples") or [])][:10] if isinstance(data, dict) else []
+        return cls(counts, examples)
 
     @property
     def total(self) -> int:
@@ -89,12 +99,14 @@ def _decode_caption(payload: bytes) -> str:
 
 
 def metadata(members: dict[str, bytes]) -> dict:
-    """The sample's ``json`` member as a dict (``{}`` if absent or not a JSON object)."""
-    try:
-        meta = json.loads(members["json"].decode("utf-8")) if "json" in members else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    """The sample's ``json`` member as a dict (``{}`` if absent). Raises ``ValueError`` for a member that is
+    not a UTF-8 JSON object: its label or caption would be lost without a word."""
+    if "json" not in members:
         return {}
-    return meta if isinstance(meta, dict) else {}
+    meta = json.loads(members["json"].decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(meta, dict):
+        raise ValueError("the json member is not an object")
+    return meta
 
 
 def caption_of(members: dict[str, bytes], caption_key: str, meta: dict) -> str:
@@ -115,7 +127,11 @@ def decode_members(key: str, members: dict[str, bytes], caption_key: str, where:
     if image_ext is None:
         skips.skip("missing_image", where)
         return None
-    meta = metadata(members)
+    try:
+        meta = metadata(members)
+    except ValueError:
+        skips.skip("bad_json", where)
+        return None
     try:
         caption = caption_of(members, caption_key, meta)
     except UnicodeDecodeError:
@@ -153,13 +169,17 @@ def member_key_ext(name: str) -> tuple[str, str] | None:
 
 
 def iter_tar_groups(tar_path: Path, skips: SkipStats) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {ext: bytes})`` for consecutive members sharing a key (WebDataset convention)."""
+    """Yield ``(key, {ext: bytes})`` for consecutive members sharing a key (WebDataset convention).
+
+    Two samples with the same key one after the other show up as a repeated extension; which image goes with
+    which caption is then unknowable, so the group is skipped as ``duplicate_key`` (WebDataset refuses it).
+    """
     try:
         tar = tarfile.open(tar_path, "r|*")  # streaming mode: no seeking, works on pipes too
     except (tarfile.TarError, OSError):
         skips.skip("corrupt_shard", str(tar_path))
         return
-    key, group = None, {}
+    key, group, duplicate = None, {}, False
     truncated = False
     try:
         for member in tar:
@@ -170,9 +190,13 @@ def iter_tar_groups(tar_path: Path, skips: SkipStats) -> Iterator[tuple[str, dic
                 continue
             k, ext = parts
             if k != key and key is not None:
-                yield key, group
-                group = {}
+                if duplicate:
+                    skips.skip("duplicate_key", f"{tar_path.name}:{key}")
+                else:
+                    yield key, group
+                group, duplicate = {}, False
             key = k
+            duplicate = duplicate or ext in group
             fh = tar.extractfile(member)
             group[ext] = fh.read() if fh is not None else b""
     except (tarfile.TarError, OSError, EOFError):
@@ -181,7 +205,10 @@ def iter_tar_groups(tar_path: Path, skips: SkipStats) -> Iterator[tuple[str, dic
     finally:
         tar.close()
     if key is not None and not truncated:
-        yield key, group
+        if duplicate:
+            skips.skip("duplicate_key", f"{tar_path.name}:{key}")
+        else:
+            yield key, group
 
 
 def iter_webdataset(path: str, caption_key: str, skips: SkipStats) -> Iterator[RawSample]:
@@ -200,11 +227,28 @@ def _pick_column(columns: list[str], options: tuple[str, ...], what: str, path: 
     raise DataError(f"{path}: no {what} column (looked for {', '.join(options)}; found {', '.join(columns)})")
 
 
+def _csv_rows(reader: csv.DictReader, path: Path, skips: SkipStats) -> Iterator[tuple[int, dict]]:
+    """``(line number, row)`` of each row; a row the csv module cannot parse is skipped as ``bad_row`` (the
+    reader starts afresh at the next line)."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            skips.skip("bad_row", f"{path.name}:{reader.line_num + 1} ({exc})")
+            continue
+        yield reader.line_num, row
+
+
 def iter_csv(path: str, skips: SkipStats) -> Iterator[RawSample]:
     p = Path(path)
     if p.is_dir():
         p = p / "pairs.csv"
     delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
+    # csv's default field limit (128 KiB) turns one long caption into an exception that ends the file; the
+    # tokenizer truncates long text anyway, so only a field beyond this is a bad row (skipped and counted).
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise glue onto the first
     # column name.
     with open(p, newline="", encoding="utf-8-sig", errors="replace") as fh:
@@ -213,7 +257,7 @@ def iter_csv(path: str, skips: SkipStats) -> Iterator[RawSample]:
         image_col = _pick_column(columns, _CSV_IMAGE_COLUMNS, "image path", p)
         caption_col = _pick_column(columns, _CSV_CAPTION_COLUMNS, "caption", p)
         label_col = next((c for c in columns if c.lower().strip() == "label"), None)
-        for row_no, row in enumerate(reader, start=2):
+        for row_no, row in _csv_rows(reader, p, skips):
             where = f"{p.name}:{row_no}"
             caption = (row.get(caption_col) or "").strip()
             rel = (row.get(image_col) or "").strip()

@@ -84,10 +84,12 @@ class TarMember:
 
 @dataclass(frozen=True)
 class TarGroup:
-    """One sample's members inside a tar."""
+    """One sample's members inside a tar; ``duplicate`` when two samples with the same key follow each other
+    (an extension repeats), which cannot be told apart and is skipped as ``duplicate_key``."""
 
     key: str
     members: tuple[TarMember, ...]
+    duplicate: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,10 +178,17 @@ def index_tar(path: str | Path) -> TarIndex:
         file_size = os.path.getsize(path)
     except OSError as exc:
         raise DataError(f"shard '{path}' cannot be read ({exc.strerror})") from None
+    if file_size == 0:
+        return TarIndex((), "corrupt_shard")  # an empty file is not a tar (tarfile refuses it too)
     groups: list[TarGroup] = []
     key: str | None = None
     members: list[TarMember] = []
     error = None
+
+    def close_group() -> None:
+        exts = [m.ext for m in members]
+        groups.append(TarGroup(key, tuple(members), duplicate=len(set(exts)) < len(exts)))
+
     try:
         with open(path, "rb") as handle:
             for name, offset, size in tar_members(handle):
@@ -188,7 +197,7 @@ def index_tar(path: str | Path) -> TarIndex:
                     continue
                 k, ext = parts
                 if k != key and key is not None:
-                    groups.append(TarGroup(key, tuple(members)))
+                    close_group()
                     members = []
                 key = k
                 if offset + size > file_size:
@@ -197,26 +206,54 @@ def index_tar(path: str | Path) -> TarIndex:
     except (OSError, EOFError, ValueError):
         error = "truncated_shard" if groups or members else "corrupt_shard"
     if key is not None and error is None:
-        groups.append(TarGroup(key, tuple(members)))
+        close_group()
     return TarIndex(tuple(groups), error)
 
 
-def shard_sizes(shards: Sequence[str]) -> list[int]:
-    """Samples per shard: from ``sizes.json`` in each shard's folder where it names the shard, else by
-    indexing the shard's headers."""
-    tables: dict[Path, dict] = {}
-    sizes = []
+def _read_sizes_file(file: Path) -> dict[str, int]:
+    """``sizes.json``: ``{shard name: sample count}``; anything else is a one-line :class:`DataError`."""
+    fix = f"fix or delete {file} (without it the shards' samples are counted)"
+    try:
+        table = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{file} is not valid JSON; {fix}") from None
+    if not isinstance(table, dict):
+        raise DataError(f"{file} must map shard names to sample counts, got a {type(table).__name__}; {fix}")
+    for name, n in table.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise DataError(f"{file}: the count of '{name}' must be an integer >= 0, got {n!r}; {fix}")
+    return table
+
+
+def scan_shards(shards: Sequence[str]) -> tuple[list[int], list[tuple[str, str]]]:
+    """Samples per shard, and ``(shard, reason)`` for each shard found damaged on the way.
+
+    Counts come from ``sizes.json`` in each shard's folder where it names the shard (the shard is not opened:
+    damage shows up sample by sample when it is read), else from indexing the shard's headers, which also
+    finds a shard that is not a tar (``corrupt_shard``) or is cut short (``truncated_shard``: its complete
+    samples are kept).
+    """
+    tables: dict[Path, dict[str, int]] = {}
+    sizes: list[int] = []
+    problems: list[tuple[str, str]] = []
     for shard in shards:
         folder = Path(shard).parent
         if folder not in tables:
             file = folder / SIZES_FILE
-            try:
-                tables[folder] = json.loads(file.read_text()) if file.is_file() else {}
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise DataError(f"{file} is not valid JSON; delete it to count the shards' samples instead") from None
+            tables[folder] = _read_sizes_file(file) if file.is_file() else {}
         n = tables[folder].get(Path(shard).name)
-        sizes.append(int(n) if n is not None else len(index_tar(shard).groups))
-    return sizes
+        if n is None:
+            index = index_tar(shard)
+            n = len(index.groups)
+            if index.error:
+                problems.append((shard, index.error))
+        sizes.append(n)
+    return sizes, problems
+
+
+def shard_sizes(shards: Sequence[str]) -> list[int]:
+    """Samples per shard (see :func:`scan_shards`)."""
+    return scan_shards(shards)[0]
 
 
 def read_group(handle: BinaryIO, group: TarGroup, exts: Container[str] | None = None) -> dict[str, bytes]:
@@ -256,6 +293,8 @@ class ShardCache:
         if position >= len(index.groups):
             return index.error or "missing_sample"  # sizes.json promised more samples than the shard has
         group = index.groups[position]
+        if group.duplicate:
+            return "duplicate_key"
         return group.key, read_group(handle, group)
 
     def close(self) -> None:

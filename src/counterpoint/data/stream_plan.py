@@ -46,7 +46,7 @@ from typing import Literal
 
 import numpy as np
 
-from counterpoint.data.shards import expand_shards, shard_sizes
+from counterpoint.data.shards import expand_shards, scan_shards
 from counterpoint.errors import DataError
 
 Remainder = Literal["drop", "wrap"]
@@ -85,6 +85,7 @@ class Source:
     shards: tuple[str, ...]
     sizes: tuple[int, ...]
     weight: float = 1.0
+    problems: tuple[tuple[str, str], ...] = ()  # (shard, reason) of shards found damaged while counting
 
     @classmethod
     def from_spec(cls, spec: str | Sequence[str], weight: float = 1.0) -> Source:
@@ -92,7 +93,8 @@ class Source:
         if not weight > 0:
             raise DataError(f"source '{spec}': weight must be > 0, got {weight}")
         shards = expand_shards(spec)
-        source = cls(tuple(shards), tuple(shard_sizes(shards)), float(weight))
+        sizes, problems = scan_shards(shards)
+        source = cls(tuple(shards), tuple(sizes), float(weight), tuple(problems))
         if source.total == 0:
             raise DataError(f"source '{spec}': its {len(shards)} shard(s) hold no samples")
         return source

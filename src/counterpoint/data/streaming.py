@@ -20,7 +20,9 @@ A sample that cannot be decoded (corrupt image, bad or empty caption, missing im
 shard) is left out of its batch and counted by reason: each batch carries the counts its worker made, and
 :attr:`StreamingLoader.skips` adds them up. Such a batch is shorter than ``batch_size`` (filling it from
 elsewhere would make the plan depend on decoding); a trainer whose all-gather needs equal sizes pads or
-drops it. The counts cover the batches handed out by this loader object (they are not part of the state).
+drops it. The counts cover the shards found damaged while planning (rank 0 only, as every rank plans the
+same shards) and the batches handed out by this loader object; they are not part of the state, and a trainer
+that resumes puts back the counts it saved (``skips`` is a plain attribute).
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ class StreamingLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.batches = 0  # handed out so far: the next batch is number `batches`
         self.skips = SkipStats()
+        if rank == 0:  # every rank plans the same shards; one counts the damaged ones
+            for source in sources:
+                for shard, reason in source.problems:
+                    self.skips.skip(reason, Path(shard).name)
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -173,12 +179,12 @@ def read_captions(sources: Sequence[Source], limit: int, caption_key: str = "txt
                 for group in index.groups:
                     if len(captions) >= want:
                         break
-                    if all(m.ext not in IMAGE_EXTS for m in group.members):
-                        continue  # the loader would skip it: no image
+                    if group.duplicate or all(m.ext not in IMAGE_EXTS for m in group.members):
+                        continue  # the loader would skip it: a duplicate key, or no image
                     members = read_group(handle, group, (caption_key, "txt", "json"))
                     try:
                         caption = caption_of(members, caption_key, metadata(members))
-                    except UnicodeDecodeError:
+                    except ValueError:  # bad text or json: the loader skips it too
                         continue
                     if caption:
                         captions.append(caption)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from counterpoint.config import ConfigError, from_dict
 from counterpoint.errors import UserError
 from counterpoint.models.cnn import ResNetTower
 from counterpoint.models.text import TextTransformer
@@ -38,6 +39,54 @@ class ModelSpec:
     text_heads: int = 8
     text_pool: str = "eot"
 
+    @classmethod
+    def from_json(cls, data: dict) -> ModelSpec:
+        """A spec saved in a checkpoint, every field type-checked (raises :class:`ConfigError`)."""
+        spec = from_dict(cls, data, prefix="model_spec.")
+        check_spec(spec)
+        return spec
+
+
+def check_spec(spec: ModelSpec, name: str = "the model") -> None:
+    """Value checks a spec must pass before a model is built; :class:`ConfigError` names the setting.
+
+    ``model.*`` settings a recipe can override (``embed_dim``, ``image_size``, ``context_length``,
+    ``vocab_size``) are named as such; the rest are preset fields.
+    """
+    positive = {"model.embed_dim": spec.embed_dim, "model.image_size": spec.image_size,
+                "model.vocab_size": spec.vocab_size, "text_width": spec.text_width, "text_layers": spec.text_layers,
+                "text_heads": spec.text_heads}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if spec.embed_dim < 2:
+        raise ConfigError(f"model.embed_dim must be >= 2 (unit vectors of 1 dimension are only +1 or -1), "
+                          f"got {spec.embed_dim}")
+    if spec.context_length < 3:
+        raise ConfigError(f"model.context_length must be >= 3 (<sot>, at least one token, <eot>), "
+                          f"got {spec.context_length}")
+    if spec.text_width % spec.text_heads:
+        raise ConfigError(f"text_width {spec.text_width} of {name} is not divisible by text_heads {spec.text_heads}")
+    if spec.image_tower == "vit":
+        if min(spec.patch_size, spec.vision_width, spec.vision_layers, spec.vision_heads) < 1:
+            raise ConfigError(f"the ViT fields of {name} must be >= 1")
+        if spec.image_size % spec.patch_size:
+            raise ConfigError(f"model.image_size={spec.image_size} must be a multiple of the patch size "
+                              f"{spec.patch_size} of {name}")
+        if spec.vision_width % spec.vision_heads:
+            raise ConfigError(f"vision_width {spec.vision_width} of {name} is not divisible by vision_heads "
+                              f"{spec.vision_heads}")
+    elif spec.image_tower == "cnn":
+        if (not spec.cnn_widths or len(spec.cnn_widths) != len(spec.cnn_depths)
+                or min(spec.cnn_widths + spec.cnn_depths) < 1 or spec.cnn_stem_stride < 1):
+            raise ConfigError(f"cnn_widths / cnn_depths / cnn_stem_stride of {name} are malformed")
+        smallest = spec.cnn_stem_stride * 2 ** (len(spec.cnn_widths) - 1)
+        if spec.image_size % spec.cnn_stem_stride or spec.image_size < smallest:
+            raise ConfigError(f"model.image_size={spec.image_size} must be a multiple of the stem stride "
+                              f"{spec.cnn_stem_stride} of {name} and at least {smallest}")
+    else:
+        raise ConfigError(f"unknown image_tower {spec.image_tower!r}; use 'vit' or 'cnn'")
+
 
 MODEL_PRESETS: dict[str, ModelSpec] = {
     "tiny-cnn": ModelSpec("cnn", 32, 128, cnn_widths=(32, 64, 128), cnn_depths=(1, 1, 1), cnn_stem_stride=2,
@@ -62,7 +111,9 @@ def resolve_spec(name: str, **overrides: object) -> ModelSpec:
     unknown = set(overrides) - fields
     if unknown:
         raise UserError(f"unknown model field(s) {sorted(unknown)}; valid: {', '.join(sorted(fields))}")
-    return dataclasses.replace(MODEL_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    spec = dataclasses.replace(MODEL_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    check_spec(spec, name)
+    return spec
 
 
 def build_model(spec: ModelSpec, init_temperature: float = 0.07, init_logit_bias: float | None = None,

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn on every call); older releases have
+# only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def world_info() -> tuple[int, int]:
     """``(rank, world_size)``; ``(0, 1)`` outside a process group."""
@@ -24,7 +29,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         rank, world = world_info()
         ctx.rank, ctx.rows = rank, x.shape[0]
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        _all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod
@@ -32,7 +37,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend() == "nccl":
             out = grad.new_empty((ctx.rows, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad)
+            _reduce_scatter_single(out, grad)
             return out
         grad = grad.clone()  # all_reduce works in place; autograd may still hold this buffer
         dist.all_reduce(grad)

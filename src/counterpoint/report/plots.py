@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 
 def metric_series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if key in r]
+    """``(steps, values)`` of ``key``; rows where it is null (a non-finite value, logged as null) are left out."""
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -24,7 +25,7 @@ def plot_curves(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     panels = [("loss.png", loss_keys, "loss", True), ("temperature.png", ["temperature"], "temperature", True),
               ("lr.png", ["lr"], "learning rate", False)]
     for name, keys, ylabel, logy in panels:
-        present = [k for k in keys if any(k in r for r in rows)]
+        present = [k for k in keys if metric_series(rows, k)[0]]
         if not present:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)

@@ -8,9 +8,20 @@ from typing import Any
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``. A line that is not a JSON object with an integer ``step`` (the half
+    line a crash or a full disk leaves at the end, or damage) is left out: the log is a record, and one bad
+    line must not stop a resume or an evaluation."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+            rows.append(row)
+    return rows
 
 
 def _fmt(x: Any) -> str:

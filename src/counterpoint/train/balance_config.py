@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from counterpoint.config import ConfigError, load_config
+from counterpoint.config import ConfigError, check_device, load_config
 from counterpoint.data.av_world import AVWorldConfig
 from counterpoint.data.shortcut import ShortcutConfig
 from counterpoint.models.encoders import EncoderConfig
@@ -155,6 +155,7 @@ def validate(cfg: BalanceConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_device(t.device, "train.device")
     for name, enc in cfg.model.encoders.items():
         try:
             enc.validate(f"model.encoders.{name}")

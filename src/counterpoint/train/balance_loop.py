@@ -54,6 +54,10 @@ def load_benchmark(cfg: BalanceDataConfig) -> ModalDataset:
     if missing:
         raise UserError(f"dataset '{data.name}' has no {', '.join(missing)} split; balance runs need train, val "
                         "and test (model selection on val, never on test)")
+    empty = [s for s in ("train", "val", "test") if len(data.splits[s]) == 0]
+    if empty:
+        raise UserError(f"dataset '{data.name}' has an empty {', '.join(empty)} split; balance runs need samples "
+                        "in train, val and test (checked before training, not after it)")
     if not cfg.modalities:
         return data
     unknown = [m for m in cfg.modalities if m not in data.modalities]

@@ -14,13 +14,15 @@ import torch
 
 from counterpoint.config import RunConfig
 from counterpoint.data.pairs import PairSet, batch_indices, load_pairs
+from counterpoint.data.readers import SkipStats
 from counterpoint.data.streaming import build_loader, read_captions
 from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.data.transforms import normalize, random_translate
-from counterpoint.errors import UserError
+from counterpoint.errors import DataError, UserError
 from counterpoint.train.distributed import DistContext
 
 TOKENIZER_CAPTIONS = 100_000  # captions read from the shards to train the tokenizer of a streamed run
+MAX_EMPTY_BATCHES = 50  # streamed batches in a row without a usable sample before the run stops
 
 
 def _augment(images: torch.Tensor, cfg: RunConfig, step: int, ctx: DistContext, local: int) -> torch.Tensor:
@@ -47,13 +49,15 @@ class InMemoryBatches:
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         self.tokens = tokenizer(self.pairs.captions)  # [N, L], tokenised once for the whole run
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Nothing to restore: the order is a function of the seed and the step."""
+    def load_state_dict(self, state: dict[str, Any] | None, skipped: dict[str, Any] | None = None) -> None:
+        """Nothing to restore: the order is a function of the seed and the step, and the skips are those of
+        reading ``data.train`` again."""
 
     def state_dict(self) -> dict[str, Any] | None:
         return None
 
     def info(self) -> dict[str, Any]:
+        """What was read; every rank reads all of ``data.train``, so the skips are the same on every rank."""
         return {"pairs": len(self.pairs), "skipped": self.pairs.skips.as_dict()}
 
     def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
@@ -88,28 +92,59 @@ class StreamedBatches:
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None, skipped: dict[str, Any] | None = None) -> None:
+        """Continue at the saved loader position; ``skipped``: the skip counts saved with it (the sum over
+        ranks, so rank 0 takes them and the others start from zero)."""
         if state is None:
             raise UserError("the checkpoint has no data position (it was not saved by a streamed run); resume "
                             "with the data settings the run started with")
         self.loader.load_state_dict(state)
+        if skipped and self.ctx.is_main:
+            self.loader.skips = SkipStats.from_dict(skipped)
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
     def info(self) -> dict[str, Any]:
+        """What this rank streamed and skipped (:func:`data_info` sums the ranks)."""
         return {"streamed_batches_per_rank": self.loader.batches, "skipped": self.loader.skips.as_dict()}
 
     def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-        if self.loader.batches != start_step:
-            raise UserError(f"the data position ({self.loader.batches} batches) does not match the checkpoint's "
+        """This rank's batch of every step from ``start_step`` on. A loader batch in which fewer than two
+        samples over all ranks could be decoded is passed over (counted as ``empty_batch``); many in a row
+        mean the data is broken and stop the run."""
+        if self.loader.batches < start_step:
+            raise UserError(f"the data position ({self.loader.batches} batches) is behind the checkpoint's "
                             f"step {start_step}")
         local = self.cfg.train.batch_size // self.ctx.world_size
-        for step, raw in enumerate(self.loader, start=start_step):
+        step, empty_in_a_row = start_step, 0
+        for raw in self.loader:
             n = self.ctx.min_int(len(raw["caption"]))
+            if n * self.ctx.world_size < 2:  # every rank sees the same n: they pass over it together
+                empty_in_a_row += 1
+                if self.ctx.is_main:
+                    self.loader.skips.skip("empty_batch", f"batch {self.loader.batches - 1}")
+                if empty_in_a_row >= MAX_EMPTY_BATCHES:
+                    raise DataError(f"{empty_in_a_row} batches in a row hold no usable sample; the streamed "
+                                    f"shards are damaged ({dict(self.loader.skips.counts)})")
+                continue
+            empty_in_a_row = 0
             images = _augment(raw["image"][:n], self.cfg, step, self.ctx, local)
             yield {"image": normalize(images.to(device, non_blocking=True)),
                    "text": self.tokenizer(raw["caption"][:n]).to(device)}
+            step += 1
+
+
+def data_info(data: InMemoryBatches | StreamedBatches, ctx: DistContext) -> dict[str, Any]:
+    """``data.info()`` for the whole job: a streamed run's skip counts summed over the ranks (a collective:
+    every rank calls it); rank 0's view otherwise."""
+    info = data.info()
+    if isinstance(data, StreamedBatches) and ctx.world_size > 1:
+        total = SkipStats()
+        for part in ctx.gather(info["skipped"]):
+            total.merge(SkipStats.from_dict(part))
+        info["skipped"] = total.as_dict()
+    return info
 
 
 def training_batches(cfg: RunConfig, image_size: int, ctx: DistContext,

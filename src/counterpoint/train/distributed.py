@@ -71,6 +71,22 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t)
 
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (picklable objects)."""
         if self.world_size == 1:

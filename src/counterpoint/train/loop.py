@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -20,11 +21,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from counterpoint.config import RunConfig, save_config
+from counterpoint.config import ConfigError, ModelConfig, RunConfig, load_config, save_config
 from counterpoint.data.readers import detect_format
 from counterpoint.data.stream_plan import steps_for_samples
 from counterpoint.data.tokenizer import Tokenizer
-from counterpoint.errors import UserError
+from counterpoint.errors import CheckpointError, UserError
 from counterpoint.evaluate.runner import evaluate_model, load_classes
 from counterpoint.models.presets import ModelSpec, build_model, resolve_spec
 from counterpoint.models.two_tower import TwoTower
@@ -33,7 +34,7 @@ from counterpoint.objectives.distributed import world_info
 from counterpoint.report.plots import plot_curves, plot_eval
 from counterpoint.report.run_report import read_metrics, write_report
 from counterpoint.train import checkpoint as ckpt
-from counterpoint.train.batches import training_batches
+from counterpoint.train.batches import data_info, training_batches
 from counterpoint.train.distributed import (
     DistContext,
     ParallelTask,
@@ -45,17 +46,52 @@ from counterpoint.train.distributed import (
 from counterpoint.train.optim import build_optimizer, lr_at
 
 
-def _spec_from_json(data: dict[str, Any]) -> ModelSpec:
-    tuples = {f.name for f in dataclasses.fields(ModelSpec) if "tuple" in str(f.type)}
-    return ModelSpec(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+def spec_from_state(meta: dict[str, Any], folder: Path) -> ModelSpec:
+    """The model spec saved in a checkpoint's (validated) state, checked field by field."""
+    try:
+        return ModelSpec.from_json(meta["model_spec"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint '{folder}': state.json {exc}; it is damaged or from another "
+                              f"version") from None
 
 
-def load_run_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TwoTower, Tokenizer, dict]:
-    """Model, tokenizer and checkpoint metadata from a run directory or checkpoint folder."""
+def check_architecture(spec: ModelSpec, saved_name: str | None, model: ModelConfig, folder: Path) -> None:
+    """Refuse a checkpoint whose model differs from the one ``model`` (a run's config) describes, naming the
+    first difference. The vocabulary size is not compared: the trained tokenizer sets it."""
+    if saved_name is not None and saved_name != model.name:
+        raise CheckpointError(f"checkpoint '{folder}' holds a {saved_name} model, the config describes "
+                              f"model.name={model.name}; a run is resumed and evaluated with the model it trained")
+    wanted = resolve_spec(model.name, embed_dim=model.embed_dim, image_size=model.image_size,
+                          context_length=model.context_length)
+    for f in dataclasses.fields(ModelSpec):
+        if f.name != "vocab_size" and getattr(spec, f.name) != getattr(wanted, f.name):
+            raise CheckpointError(f"checkpoint '{folder}' holds a model with {f.name}={getattr(spec, f.name)}, "
+                                  f"the config describes {f.name}={getattr(wanted, f.name)}; a run is resumed and "
+                                  f"evaluated with the model it trained")
+
+
+def load_tokenizer(folder: Path, spec: ModelSpec) -> Tokenizer:
+    """The checkpoint's tokenizer, refused if it can produce ids the text tower has no embedding for."""
+    tokenizer = Tokenizer.from_file(folder / "tokenizer.json", spec.context_length)
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise CheckpointError(f"checkpoint '{folder}': tokenizer.json has {tokenizer.vocab_size} tokens, the text "
+                              f"tower embeds {spec.vocab_size}; the tokenizer belongs to another model")
+    return tokenizer
+
+
+def load_run_model(path: str | Path, device: str | torch.device = "cpu",
+                   expect: ModelConfig | None = None) -> tuple[TwoTower, Tokenizer, dict]:
+    """Model, tokenizer and checkpoint metadata from a run directory or checkpoint folder. ``expect``: the
+    model the run's config describes; a checkpoint holding another is refused. Without it, the config of a
+    run directory is used when there is one."""
     folder = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_state(folder)
-    spec = _spec_from_json(meta["model_spec"])
-    tokenizer = Tokenizer.from_file(folder / "tokenizer.json", spec.context_length)
+    spec = spec_from_state(meta, folder)
+    if expect is None and (Path(path) / "config.yaml").is_file():
+        expect = load_config(Path(path) / "config.yaml").model
+    if expect is not None:
+        check_architecture(spec, meta.get("model_name"), expect, folder)
+    tokenizer = load_tokenizer(folder, spec)
     bias = 0.0 if meta.get("logit_bias") else None  # the value comes from the weights
     model = build_model(spec, init_logit_bias=bias, pad_id=tokenizer.pad_id, eot_id=tokenizer.eot_id)
     ckpt.load_model_weights(folder, model)
@@ -65,6 +101,8 @@ def load_run_model(path: str | Path, device: str | torch.device = "cpu") -> tupl
 def prepare_run_dir(out_dir: str, resume: bool, overwrite: bool, resumable: bool = True) -> Path:
     """The run directory, refusing to mix a new run into an old one unless resuming or overwriting."""
     run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"out_dir '{run_dir}' is a file; set out_dir=... to a folder")
     has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
     if has_run and not (resume or overwrite):
         how = "pass --resume to continue it, --overwrite to start again," if resumable else \
@@ -79,13 +117,25 @@ def prepare_run_dir(out_dir: str, resume: bool, overwrite: bool, resumable: bool
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop log lines after ``last_step`` so a resumed run's log reads like an uninterrupted one."""
+    """Drop log lines after ``last_step`` (and a line a crash cut in half) so a resumed run's log reads like an
+    uninterrupted one. Written aside and renamed: a crash now cannot lose the rows before ``last_step``."""
     rows = [r for r in read_metrics(path) if r["step"] <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json_line(r) for r in rows))
+    os.replace(tmp, path)
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One metrics.jsonl line; a value that is not finite is written as null (JSON has no NaN/Infinity)."""
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps({k: clean(v) for k, v in row.items()}, allow_nan=False) + "\n"
 
 
 def check_data_paths(cfg: RunConfig) -> None:
-    """Fail before training, not after it, when an evaluation input is missing."""
+    """Fail before training, not after it, when the model cannot be built or an evaluation input is missing."""
+    resolve_spec(cfg.model.name, embed_dim=cfg.model.embed_dim, image_size=cfg.model.image_size,
+                 context_length=cfg.model.context_length, vocab_size=cfg.model.vocab_size)
     if not cfg.data.stream.sources:
         detect_format(cfg.data.train)
     if cfg.eval.retrieval and cfg.data.test:
@@ -108,6 +158,23 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         return _train(cfg, ctx, resume or restarted_by_torchrun(), overwrite)
 
 
+def _find_resume_checkpoint(run_dir: Path, ctx: DistContext, required: bool) -> Path | None:
+    """The checkpoint to continue from (rank 0 decides, after putting back a re-save a crash cut off);
+    ``required``: ``--resume`` was asked for, so having none is an error rather than a fresh start."""
+    found: str | None = None
+    if ctx.is_main:
+        root = run_dir / "checkpoints"
+        ckpt.remove_stale_temporaries(root)
+        folder = ckpt.newest_checkpoint(root)
+        if folder is None and required:
+            where = "does not exist" if not run_dir.exists() else "holds no checkpoint"
+            raise UserError(f"--resume: run directory '{run_dir}' {where}, so there is nothing to resume; "
+                            f"drop --resume to start a new run")
+        found = str(folder) if folder is not None else None
+    found = ctx.broadcast(found)
+    return Path(found) if found is not None else None
+
+
 def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> Path:
     device = ctx.device
     bs = cfg.train.batch_size
@@ -117,21 +184,24 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     run_dir = Path(cfg.out_dir)
     if ctx.is_main:
         prepare_run_dir(cfg.out_dir, resume, overwrite)
-        save_config(cfg, run_dir / "config.yaml")
     ctx.barrier()  # nobody reads the run directory while rank 0 may still be clearing it
+    # Everything a resume reads is checked before anything in the run directory changes.
+    resume_from = _find_resume_checkpoint(run_dir, ctx, required=resume and not restarted_by_torchrun()) \
+        if resume else None
+    meta = ckpt.read_state(resume_from) if resume_from else None
+    if meta:
+        spec = spec_from_state(meta, resume_from)
+        check_architecture(spec, meta.get("model_name"), cfg.model, resume_from)
+        tokenizer = load_tokenizer(resume_from, spec)
+    else:
+        spec = resolve_spec(cfg.model.name, embed_dim=cfg.model.embed_dim, image_size=cfg.model.image_size,
+                            context_length=cfg.model.context_length, vocab_size=cfg.model.vocab_size)
     torch.manual_seed(cfg.seed)
     progress = cfg.train.progress and ctx.is_main
 
-    resume_from = ckpt.resolve_checkpoint(run_dir) if resume and (run_dir / "checkpoints" / "latest").exists() else None
-    meta = ckpt.read_state(resume_from) if resume_from else None
-    spec = (_spec_from_json(meta["model_spec"]) if meta else
-            resolve_spec(cfg.model.name, embed_dim=cfg.model.embed_dim, image_size=cfg.model.image_size,
-                         context_length=cfg.model.context_length, vocab_size=cfg.model.vocab_size))
-
     data = training_batches(cfg, spec.image_size, ctx, progress)
     if meta:
-        tokenizer = Tokenizer.from_file(resume_from / "tokenizer.json", spec.context_length)
-        data.load_state_dict(meta.get("data"))
+        data.load_state_dict(meta.get("data"), meta.get("data_skipped"))
     else:  # trained once and shared, so every rank holds the same vocabulary
         trained = Tokenizer.train(data.captions(), spec.vocab_size, spec.context_length) if ctx.is_main else None
         tokenizer = Tokenizer.from_json(ctx.broadcast(trained.hf.to_str() if trained else None), spec.context_length)
@@ -149,10 +219,17 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     par = ParallelTask(task, ctx, cfg.train.parallel)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps)
     start_step = meta["step"] if meta else 0
+    nonfinite_steps = meta.get("nonfinite_steps", 0) if meta else 0
     if meta:
-        par.load_optimizer(optimizer, ckpt.read_optimizer_state(resume_from, meta))
-    if resume and ctx.is_main:
-        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        state = ckpt.read_optimizer_state(resume_from, meta)
+        ckpt.check_optimizer_state(state, [p for g in optimizer.param_groups for p in g["params"]], resume_from)
+        par.load_optimizer(optimizer, state)
+    if ctx.is_main:  # only now, with the checkpoint fully loaded, does the run directory change
+        save_config(cfg, run_dir / "config.yaml")
+        if resume:
+            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+            if meta:
+                print(f"resuming {run_dir} from {resume_from.name} (step {start_step})")
 
     steps_per_epoch = data.steps_per_epoch
     if cfg.train.samples is not None:
@@ -169,11 +246,12 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
 
     def save(step: int) -> Path:
         model_sd, optim_sd = par.state_dicts(optimizer)  # a collective under FSDP2
+        skipped = data_info(data, ctx)["skipped"]  # a collective for a streamed run
         folder = run_dir / "checkpoints" / f"step-{step:08d}"
         if ctx.is_main:
             ckpt.save_checkpoint_state(run_dir / "checkpoints", step, model_sd, optim_sd, tokenizer.hf.to_str(),
-                                       {**extra, "data": data.state_dict(), "data_skipped": data.info()["skipped"]},
-                                       cfg.train.keep_checkpoints)
+                                       {**extra, "data": data.state_dict(), "data_skipped": skipped,
+                                        "nonfinite_steps": nonfinite_steps}, cfg.train.keep_checkpoints)
         return folder
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
@@ -195,11 +273,15 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
             optimizer.zero_grad(set_to_none=True)
             losses, metrics = par.forward_backward(batch, cfg.train.accum_steps, autocast)
             grad_norm = par.clip_grad_norm(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
-            optimizer.step()
-            model.clamp_logit_scale(cfg.objective.max_logit_scale)
+            finite = ctx.all_true(_is_finite(losses, grad_norm))  # one check per step, agreed by all ranks
+            if finite:
+                optimizer.step()
+                model.clamp_logit_scale(cfg.objective.max_logit_scale)
+            else:
+                nonfinite_steps += 1
             bar.update(bs)
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == end_step:
+            if done % cfg.train.log_every == 0 or done == end_step or not finite:
                 # the mean of the ranks' local losses is the global-batch loss
                 values = ctx.mean({"loss": sum(float(v.detach()) for v in losses.values()),
                                    **{f"loss/{k}": float(v.detach()) for k, v in losses.items()}, **metrics})
@@ -209,11 +291,17 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                        "samples_per_s": round((done - last_logged) * bs / max(now - t_last, 1e-9), 1)}
                 if grad_norm is not None:
                     row["grad_norm"] = as_float(grad_norm)
+                if nonfinite_steps:
+                    row["nonfinite_steps"] = nonfinite_steps
                 t_last, last_logged = now, done
                 if log is not None:
-                    log.write(json.dumps(row) + "\n")
+                    log.write(json_line(row))
                     log.flush()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row.get('temperature', 0):.3f}")
+            if not finite and cfg.train.on_nonfinite == "stop":
+                raise UserError(f"step {done}: the loss or the gradient is not finite (NaN or infinite), so the "
+                                f"update was not applied; lower train.lr, check the data, or set "
+                                f"train.on_nonfinite=skip to pass over such steps (the last checkpoint is intact)")
             if done % cfg.train.checkpoint_every == 0 and done < end_step:
                 save(done)
     finally:
@@ -221,19 +309,29 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
         bar.close()
         if log is not None:
             log.close()
+    info = data_info(data, ctx)
     if ctx.is_main:
-        (run_dir / "data.json").write_text(json.dumps({"train": data.info()}))
+        (run_dir / "data.json").write_text(json.dumps({"train": info}))
     final_step = max(start_step, end_step)  # the loop only leaves early by an exception
     final = save(final_step)
     ctx.barrier()  # the final checkpoint is on disk before anyone reads it
     # Under FSDP2 the parameters are shards; evaluation runs on full weights read back from the checkpoint.
     eval_model = load_run_model(final, device)[0] if par.fsdp else model
-    finalize_run(run_dir, eval_model, tokenizer, cfg, device, final_step)
+    finalize_run(run_dir, eval_model, tokenizer, cfg, device, final_step, cfg.model.name)
     return run_dir
 
 
+def _is_finite(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> bool:
+    """Whether the step's loss (and gradient norm, when clipping computed it) are finite numbers."""
+    values = [v.detach().float().reshape(1) for v in losses.values()]
+    if grad_norm is not None:
+        full = getattr(grad_norm, "full_tensor", None)  # a DTensor under FSDP2
+        values.append((full() if full is not None else grad_norm).detach().float().reshape(1).to(values[0].device))
+    return bool(torch.isfinite(torch.cat(values)).all())
+
+
 def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device: torch.device,
-                 step: int) -> dict[str, Any]:
+                 step: int, model_name: str) -> dict[str, Any]:
     """Evaluate (spread over the ranks of a process group), then write ``eval.json``, the plots and
     ``report.md`` (rank 0)."""
     rank, world_size = world_info()
@@ -242,15 +340,28 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
                             across_ranks=world_size > 1)
     if rank > 0:  # every rank took part in the evaluation; rank 0 writes the results
         return result
-    data_file = run_dir / "data.json"
-    if data_file.exists():
-        result["data"]["skipped"]["train"] = json.loads(data_file.read_text())["train"]["skipped"]
-    result.update(step=step, model=cfg.model.name, eval_seconds=round(time.perf_counter() - t0, 2))
+    train_info = read_data_info(run_dir / "data.json")
+    if train_info is not None:
+        result["data"]["skipped"]["train"] = train_info["skipped"]
+    result.update(step=step, model=model_name, eval_seconds=round(time.perf_counter() - t0, 2))
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot_curves(rows, run_dir)
     plot_eval(result, run_dir)
-    summary = {"model": cfg.model.name, "steps": step, "train data": cfg.data.train,
+    summary = {"model": model_name, "steps": step, "train data": cfg.data.train,
                "skipped samples": sum(s["total"] for s in result["data"]["skipped"].values())}
     write_report(run_dir, result, rows, summary)
     return result
+
+
+def read_data_info(path: Path) -> dict[str, Any] | None:
+    """``data.json`` of a run (what training read and skipped), or ``None`` if it is missing or damaged (it is
+    a report, not state: evaluation goes on without it)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))["train"]
+        skipped = info["skipped"]
+        if isinstance(skipped, dict) and isinstance(skipped.get("total"), int):
+            return info
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        pass
+    return None
