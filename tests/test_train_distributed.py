@@ -228,3 +228,25 @@ def test_streamed_run_resumes_mid_epoch_after_a_kill(world: Path, shards: Path, 
         loader = build_loader(cfg.data.stream, 16, 32, rank=rank, world_size=2, seed=cfg.seed)
         seen += [k for _, batch in zip(range(4), loader) for k in batch["key"]]
     assert len(seen) == 128 and len(set(seen)) == 128
+
+
+def test_streamed_skips_are_summed_over_ranks(world: Path, shards: Path, tmp_path: Path) -> None:
+    """Damaged samples in every shard and a shard that is not a tar: a 2-process streamed run reports the same
+    skips as one process over the same epoch (each rank counts what it read; the damaged shard is counted
+    once, not once per rank)."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard) as src, tarfile.open(damaged / shard.name, "w") as dst:
+            members = src.getmembers()
+            first_image = next(m for m in members if m.name.endswith((".png", ".jpg")))
+            for m in members:
+                payload = b"not an image" if m is first_image else src.extractfile(m).read()
+                m.size = len(payload)
+                dst.addfile(m, io.BytesIO(payload))
+    (damaged / "shard-000008.tar").write_bytes(b"garbage, not a tar" * 40)
+    one = train(_stream_config(world, damaged, tmp_path / "one", max_steps=4))  # one epoch: 4 steps of 32
+    torchrun(_stream_config(world, damaged, tmp_path / "two", max_steps=4), tmp_path)
+    skipped = [json.loads((run / "data.json").read_text())["train"]["skipped"] for run in (one, tmp_path / "two")]
+    assert skipped[0]["by_reason"] == {"corrupt_image": 8, "corrupt_shard": 1}
+    assert skipped[1]["by_reason"] == skipped[0]["by_reason"]

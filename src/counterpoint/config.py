@@ -175,13 +175,13 @@ def _check_ranges(cfg: RunConfig) -> None:
     checks: list[tuple[bool, str]] = [
         (bool(cfg.out_dir.strip()), "out_dir must name a folder"),
         (0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}"),
-        *[(v is None or v >= 1, f"model.{k} must be >= 1, got {v}")
-          for k, v in (("embed_dim", m.embed_dim), ("image_size", m.image_size),
-                       ("context_length", m.context_length), ("vocab_size", m.vocab_size))],
+        *[(v is None or 1 <= v <= hi, f"model.{k} must be in [1, {hi}], got {v}")
+          for k, v, hi in (("embed_dim", m.embed_dim, 2**16), ("image_size", m.image_size, 2**14),
+                           ("context_length", m.context_length, 2**16), ("vocab_size", m.vocab_size, 2**24))],
         (cfg.data.max_train_samples is None or cfg.data.max_train_samples >= 1, "data.max_train_samples must be >= 1"),
         (t.eps > 0, f"train.eps must be > 0, got {t.eps}"),
         (all(0 <= b < 1 for b in t.betas), f"train.betas must both be in [0, 1), got {list(t.betas)}"),
-        (t.threads >= 0, "train.threads must be >= 0 (0: let torch decide)"),
+        (0 <= t.threads <= 4096, "train.threads must be in [0, 4096] (0: let torch decide)"),
         (cfg.eval.max_retrieval_samples is None or cfg.eval.max_retrieval_samples >= 2,
          "eval.max_retrieval_samples must be >= 2"),
         (len(cfg.eval.recall_at) >= 1, "eval.recall_at must list at least one K"),
@@ -283,6 +283,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # what torch and numpy can hold
+            raise ConfigError(f"{key}: {value} is out of range")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string

@@ -145,7 +145,7 @@ def validate(cfg: BalanceConfig) -> None:
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (t.precise_bn_batches >= 0, "train.precise_bn_batches must be >= 0"),
         (t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
-        (t.threads >= 0, "train.threads must be >= 0"),
+        (0 <= t.threads <= 4096, "train.threads must be in [0, 4096]"),
         (cfg.model.dim >= 1, "model.dim must be >= 1"),
         (cfg.data.benchmark != "file" or cfg.data.path, "data.path must name a dataset when data.benchmark=file"),
         (len(set(cfg.data.modalities)) == len(cfg.data.modalities), "data.modalities has a duplicate"),
