@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"counterpoint: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("counterpoint: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"counterpoint: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except OSError as exc:
         if exc.errno is None or exc.errno not in _ENVIRONMENT_ERRNOS:

@@ -394,11 +394,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _drop_switched_sections(recipe: dict[str, Any], diff: dict[str, Any], cls: type) -> dict[str, Any]:
+    """``recipe`` without the sections whose ``name`` ``diff`` switches, where the section's options belong to
+    its name (a dataclass with ``OPTIONS_FOLLOW_NAME``): ``method.name=uniform`` over a recipe's
+    ``method: {name: mmpareto, gamma: 1.5}`` must not carry ``gamma`` over to a method that has none."""
+    if not dataclasses.is_dataclass(cls) or not isinstance(recipe, dict):
+        return recipe
+    hints = typing.get_type_hints(cls)
+    out = dict(recipe)
+    for key, sub in diff.items():
+        tp = hints.get(key)
+        if not isinstance(sub, dict) or not dataclasses.is_dataclass(tp) or not isinstance(out.get(key), dict):
+            continue
+        if getattr(tp, "OPTIONS_FOLLOW_NAME", False) and "name" in sub and sub["name"] != out[key].get("name"):
+            del out[key]
+        else:
+            out[key] = _drop_switched_sections(out[key], sub, tp)
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
-    """Defaults of ``cls``, merged with the YAML recipe at ``path``, merged with ``key=value`` overrides."""
+    """Defaults of ``cls``, merged with the YAML recipe at ``path``, merged with ``key=value`` overrides.
+    An override that switches the ``name`` of a section whose options depend on it drops the recipe's options
+    of that section (the overrides' own are kept)."""
     data: dict[str, Any] = load_yaml(path) if path is not None else {}
-    for text in overrides:
-        data = _deep_merge(data, parse_override(text))
+    diffs = [parse_override(text) for text in overrides]
+    for diff in diffs:
+        data = _drop_switched_sections(data, diff, cls)
+    for diff in diffs:
+        data = _deep_merge(data, diff)
     return from_dict(cls, data)
 
 

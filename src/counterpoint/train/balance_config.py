@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -49,6 +49,8 @@ class ClassifierConfig:
 class MethodConfig:
     """A gradient combiner and its options; an option left unset takes the combiner's default, an option
     the combiner does not have is an error. ``label`` names the method in tables (default: ``name``)."""
+
+    OPTIONS_FOLLOW_NAME: ClassVar[bool] = True  # switching `name` by an override drops the recipe's options
 
     name: str = "mmpareto"
     label: str = ""

@@ -71,13 +71,13 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t)
 
-    def all_true(self, flag: bool) -> bool:
-        """True when ``flag`` holds on every rank."""
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, whether it is set on any rank (one collective for all of them)."""
         if self.world_size == 1:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t)
+            return flags
+        t = torch.tensor([int(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""

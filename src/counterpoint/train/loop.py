@@ -43,6 +43,7 @@ from counterpoint.train.distributed import (
     maybe_inject_fault,
     restarted_by_torchrun,
 )
+from counterpoint.train.interrupt import StopOnSignal, TrainingInterrupted
 from counterpoint.train.optim import build_optimizer, lr_at
 
 
@@ -263,52 +264,59 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                disable=not progress, dynamic_ncols=True)
     t_last, last_logged = time.perf_counter(), start_step
     batches = data.batches(start_step, device)
-    try:
-        # zip asks the range first: a streamed loader is not advanced past the last step
-        for step, batch in zip(range(start_step, end_step), batches):
-            maybe_inject_fault(step, ctx.rank)
-            lr = lr_at(step, total_steps, cfg.train.lr, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            losses, metrics = par.forward_backward(batch, cfg.train.accum_steps, autocast)
-            grad_norm = par.clip_grad_norm(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
-            finite = ctx.all_true(_is_finite(losses, grad_norm))  # one check per step, agreed by all ranks
-            if finite:
-                optimizer.step()
-                model.clamp_logit_scale(cfg.objective.max_logit_scale)
-            else:
-                nonfinite_steps += 1
-            bar.update(bs)
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == end_step or not finite:
-                # the mean of the ranks' local losses is the global-batch loss
-                values = ctx.mean({"loss": sum(float(v.detach()) for v in losses.values()),
-                                   **{f"loss/{k}": float(v.detach()) for k, v in losses.items()}, **metrics})
-                now = time.perf_counter()
-                row = {"step": done, "samples_seen": done * bs,
-                       **({"epoch": round(done / steps_per_epoch, 4)} if steps_per_epoch else {}), "lr": lr, **values,
-                       "samples_per_s": round((done - last_logged) * bs / max(now - t_last, 1e-9), 1)}
-                if grad_norm is not None:
-                    row["grad_norm"] = as_float(grad_norm)
-                if nonfinite_steps:
-                    row["nonfinite_steps"] = nonfinite_steps
-                t_last, last_logged = now, done
-                if log is not None:
-                    log.write(json_line(row))
-                    log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row.get('temperature', 0):.3f}")
-            if not finite and cfg.train.on_nonfinite == "stop":
-                raise UserError(f"step {done}: the loss or the gradient is not finite (NaN or infinite), so the "
-                                f"update was not applied; lower train.lr, check the data, or set "
-                                f"train.on_nonfinite=skip to pass over such steps (the last checkpoint is intact)")
-            if done % cfg.train.checkpoint_every == 0 and done < end_step:
-                save(done)
-    finally:
-        batches.close()  # a streamed loader's workers and open shards go now, not after the evaluation
-        bar.close()
-        if log is not None:
-            log.close()
+    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop
+        try:
+            # zip asks the range first: a streamed loader is not advanced past the last step
+            for step, batch in zip(range(start_step, end_step), batches):
+                maybe_inject_fault(step, ctx.rank)
+                lr = lr_at(step, total_steps, cfg.train.lr, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                losses, metrics = par.forward_backward(batch, cfg.train.accum_steps, autocast)
+                grad_norm = par.clip_grad_norm(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
+                # one check per step, agreed by all ranks: a non-finite value anywhere, a stop signal anywhere
+                nonfinite, stopping = ctx.any_rank(not _is_finite(losses, grad_norm), stop.requested)
+                finite = not nonfinite
+                if finite:
+                    optimizer.step()
+                    model.clamp_logit_scale(cfg.objective.max_logit_scale)
+                else:
+                    nonfinite_steps += 1
+                bar.update(bs)
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == end_step or not finite:
+                    # the mean of the ranks' local losses is the global-batch loss
+                    values = ctx.mean({"loss": sum(float(v.detach()) for v in losses.values()),
+                                       **{f"loss/{k}": float(v.detach()) for k, v in losses.items()}, **metrics})
+                    now = time.perf_counter()
+                    epoch = {"epoch": round(done / steps_per_epoch, 4)} if steps_per_epoch else {}
+                    row = {"step": done, "samples_seen": done * bs, **epoch, "lr": lr, **values,
+                           "samples_per_s": round((done - last_logged) * bs / max(now - t_last, 1e-9), 1)}
+                    if grad_norm is not None:
+                        row["grad_norm"] = as_float(grad_norm)
+                    if nonfinite_steps:
+                        row["nonfinite_steps"] = nonfinite_steps
+                    t_last, last_logged = now, done
+                    if log is not None:
+                        log.write(json_line(row))
+                        log.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row.get('temperature', 0):.3f}")
+                if not finite and cfg.train.on_nonfinite == "stop":
+                    raise UserError(f"step {done}: the loss or the gradient is not finite (NaN or infinite), so the "
+                                    f"update was not applied; lower train.lr, check the data, or set "
+                                    f"train.on_nonfinite=skip to pass over such steps (the last checkpoint is intact)")
+                if stopping and done < end_step:
+                    save(done)
+                    raise TrainingInterrupted(f"interrupted at step {done} of {end_step}; checkpoint saved in "
+                                              f"{run_dir / 'checkpoints'}; continue with --resume")
+                if done % cfg.train.checkpoint_every == 0 and done < end_step:
+                    save(done)
+        finally:
+            batches.close()  # a streamed loader's workers and open shards go now, not after the evaluation
+            bar.close()
+            if log is not None:
+                log.close()
     info = data_info(data, ctx)
     if ctx.is_main:
         (run_dir / "data.json").write_text(json.dumps({"train": info}))
