@@ -42,7 +42,7 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"data make world: {exc}") from None
     info = make_world(args.out, wcfg, args.format, args.train, args.test, args.zeroshot, args.stories,
-                      args.audio, args.image_format, progress=not args.quiet)
+                      args.audio, args.image_format, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote the built-in world to {args.out} ({args.format}): "
           + ", ".join(f"{k} {v}" for k, v in info["splits"].items() if v)
           + f"; {len(info['classes'])} classes, {len(info['heldout'])} held out of training")
@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--quiet", action="store_true")
+    make.add_argument("--overwrite", action="store_true", help="replace a world already in --out")
     make.set_defaults(func=_cmd_data_make)
 
     short = make_sub.add_parser("shortcut", help="coloured-and-grey shapes: colour predicts the class at train only")

@@ -86,9 +86,11 @@ class DataConfig:
     """
 
     train: str = "data/world/train"
-    test: str = "data/world/test"  # paired test set for retrieval ("" to skip)
-    zeroshot: str = "data/world/zeroshot"  # labelled images for zero-shot and linear probe ("" to skip)
-    classes: str = "data/world/world.json"  # JSON with "classes", "templates" and optionally "heldout"
+    # Evaluation inputs; "auto": the ones that belong to the training data (the world's splits beside it, or
+    # a test file named like the training one), never anything else (counterpoint/evaluate/inputs.py); "" skips.
+    test: str = "auto"  # paired test set for retrieval
+    zeroshot: str = "auto"  # labelled images for zero-shot and the linear probe
+    classes: str = "auto"  # JSON with "classes", "templates" ({c} = class name), optionally "heldout"
     max_train_samples: int | None = None
     caption_key: str = "txt"
     stream: StreamConfig = field(default_factory=StreamConfig)

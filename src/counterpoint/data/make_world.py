@@ -12,6 +12,7 @@ Layout of ``OUT``::
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from counterpoint.data.world import PROMPT_TEMPLATES, World, WorldConfig, WorldSample
 from counterpoint.data.writers import Format, Record, write_records
+from counterpoint.errors import DataError
 
 
 def _records(world: World, split: str, n: int, with_audio: bool, progress: bool) -> Iterator[Record]:
@@ -45,11 +47,26 @@ def write_stories(world: World, n: int, out_dir: Path, steps: int = 4) -> None:
             fh.write(json.dumps({"key": story["key"], "texts": story["texts"], "images": names}) + "\n")
 
 
+WORLD_ENTRIES = ("world.json", "train", "test", "zeroshot", "stories")
+
+
 def make_world(out: str | Path, cfg: WorldConfig, fmt: Format = "wds", train: int = 100_000, test: int = 2_000,
                zeroshot: int = 2_048, stories: int = 0, with_audio: bool = False, image_format: str = "png",
-               progress: bool = True) -> dict:
-    """Generate and write every split; returns the ``world.json`` content."""
+               progress: bool = True, overwrite: bool = False) -> dict:
+    """Generate and write every split; returns the ``world.json`` content.
+
+    A folder that already holds a world (or any of its entries) is refused unless ``overwrite``, which first
+    removes those entries (and nothing else): writing over them would mix two worlds' shards in one split.
+    """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out '{out}' is a file; name a folder")
+    existing = [name for name in WORLD_ENTRIES if (out / name).exists()]
+    if existing and not overwrite:
+        raise DataError(f"'{out}' already holds {', '.join(existing)}; pass --overwrite to replace the world, or "
+                        f"choose another --out")
+    for name in existing:
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
     world = World(cfg)
     for split, n in (("train", train), ("test", test), ("zeroshot", zeroshot)):

@@ -20,12 +20,14 @@ from counterpoint.errors import DataError
 
 @dataclass
 class PairSet:
-    """``images``: [N, 3, S, S] uint8; ``captions``/``labels`` aligned lists; ``skips``: what was dropped."""
+    """``images``: [N, 3, S, S] uint8; ``captions``/``labels``/``keys`` aligned lists; ``skips``: what was
+    dropped."""
 
     images: torch.Tensor
     captions: list[str]
     labels: list[str | None]
     skips: SkipStats
+    keys: list[str]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -38,11 +40,13 @@ def load_pairs(path: str, image_size: int, caption_key: str = "txt", limit: int 
     arrays: list[np.ndarray] = []
     captions: list[str] = []
     labels: list[str | None] = []
+    keys: list[str] = []
     samples = iter_samples(path, skips, caption_key)
     for sample in tqdm(samples, desc=desc, unit=" pairs", disable=not progress, leave=False):
         arrays.append(to_square_array(sample.image, image_size))
         captions.append(sample.caption)
         labels.append(sample.label)
+        keys.append(sample.key)
         if limit is not None and len(captions) >= limit:
             break
     if not captions:
@@ -50,7 +54,7 @@ def load_pairs(path: str, image_size: int, caption_key: str = "txt", limit: int 
         raise DataError(f"no usable image-text pairs found in '{path}'{detail}")
     # numpy's uint8 transpose-copy is about 10x faster than torch's permute().contiguous().
     images = torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)))  # [N, 3, S, S]
-    return PairSet(images, captions, labels, skips)
+    return PairSet(images, captions, labels, skips, keys)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

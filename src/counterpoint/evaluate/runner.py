@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,24 +21,11 @@ from counterpoint.data.pairs import load_pairs
 from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.errors import DataError
 from counterpoint.evaluate.embed import embed_images, embed_texts
+from counterpoint.evaluate.inputs import DEFAULT_TEMPLATE, load_classes, resolve_eval_inputs
 from counterpoint.evaluate.linear_probe import linear_probe
 from counterpoint.evaluate.retrieval import retrieval_metrics
 from counterpoint.evaluate.zeroshot import class_embeddings, topk_accuracy
 from counterpoint.models.two_tower import TwoTower
-
-
-def load_classes(path: str) -> tuple[list[str], list[str], set[str]]:
-    """``(classes, templates, heldout)`` from a JSON file such as the world's ``world.json``."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"class file '{path}' not found; set data.classes to a JSON file with \"classes\" and "
-                        f"\"templates\", or data.zeroshot='' to skip zero-shot evaluation")
-    try:
-        info = json.loads(p.read_text())
-        classes, templates = list(info["classes"]), list(info.get("templates") or ["a photo of a {c}."])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DataError(f"class file '{path}' must be JSON with a \"classes\" list ({exc})") from None
-    return classes, templates, set(info.get("heldout", []))
 
 
 def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device: torch.device,
@@ -48,24 +33,36 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
     """Every configured evaluation of ``model``. ``across_ranks``: every rank of the process group calls this
     and the work is shared (embeddings by shard, linear-probe fits by grid point); all get the same result."""
     result: dict[str, Any] = {"data": {"skipped": {}}}
+    inputs = resolve_eval_inputs(cfg)
+    if inputs.skipped:
+        result["skipped_evaluations"] = dict(inputs.skipped)
     size = model.image_size
     ecfg = cfg.eval
-    if ecfg.retrieval and cfg.data.test:
-        test = load_pairs(cfg.data.test, size, cfg.data.caption_key, ecfg.max_retrieval_samples, progress,
+    if ecfg.retrieval and inputs.test:
+        test = load_pairs(inputs.test, size, cfg.data.caption_key, ecfg.max_retrieval_samples, progress,
                           desc="reading test")
         result["data"]["skipped"]["test"] = test.skips.as_dict()
         img = embed_images(model, test.images, ecfg.batch_size, device, across_ranks)
         txt = embed_texts(model, tokenizer, test.captions, ecfg.batch_size, device, across_ranks)
         result["retrieval"] = {"n": len(test), **retrieval_metrics(img, txt, tuple(ecfg.recall_at))}
-    if (ecfg.zeroshot or ecfg.linear_probe) and cfg.data.zeroshot:
-        labelled = load_pairs(cfg.data.zeroshot, size, cfg.data.caption_key, None, progress,
+    if (ecfg.zeroshot or ecfg.linear_probe) and inputs.zeroshot:
+        labelled = load_pairs(inputs.zeroshot, size, cfg.data.caption_key, None, progress,
                               desc="reading zeroshot")
-        result["data"]["skipped"]["zeroshot"] = labelled.skips.as_dict()
-        classes, templates, heldout = load_classes(cfg.data.classes)
+        if inputs.classes:
+            classes, templates, heldout = load_classes(inputs.classes)
+        else:  # no class file: the labels themselves, one generic prompt
+            classes, templates, heldout = sorted({x for x in labelled.labels if x}), [DEFAULT_TEMPLATE], set()
         index = {c: i for i, c in enumerate(classes)}
-        keep = [i for i, lab in enumerate(labelled.labels) if lab in index]
+        keep = []
+        for i, (label, key) in enumerate(zip(labelled.labels, labelled.keys)):
+            if label in index:
+                keep.append(i)
+            else:  # counted, never dropped without a word
+                labelled.skips.skip("no_label" if label is None else "unknown_label", key)
+        result["data"]["skipped"]["zeroshot"] = labelled.skips.as_dict()
         if not keep:
-            raise DataError(f"no image in '{cfg.data.zeroshot}' has a label from '{cfg.data.classes}'")
+            raise DataError(f"no image in '{inputs.zeroshot}' has a label from '{inputs.classes}'")
+        result["zeroshot_data"] = {"path": inputs.zeroshot, "classes": inputs.classes or "labels of the images"}
         targets = torch.tensor([index[labelled.labels[i]] for i in keep])
         img = embed_images(model, labelled.images[keep], ecfg.batch_size, device, across_ranks)
         if ecfg.zeroshot:

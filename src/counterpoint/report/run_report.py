@@ -33,10 +33,17 @@ def write_report(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any
     lines += ["## Summary", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in summary.items()]
     lines.append("")
+    not_run = result.get("skipped_evaluations") or {}
+    if not_run:
+        lines += ["## Not evaluated", ""]
+        lines += [f"* {what.replace('_', ' ')}: {why}" for what, why in not_run.items()]
+        lines.append("")
     zs = result.get("zeroshot")
     if zs:
         lines += ["## Zero-shot classification", "",
-                  f"{zs['num_classes']} classes, {zs['num_templates']} prompt templates per class.", "",
+                  f"{zs['num_classes']} classes, {zs['num_templates']} prompt templates per class"
+                  + (f"; images from `{result['zeroshot_data']['path']}`, classes from "
+                     f"{result['zeroshot_data']['classes']}." if "zeroshot_data" in result else "."), "",
                   "| subset | top-1 | top-5 | images |", "|---|---|---|---|"]
         for subset in ("heldout", "seen", "all"):
             if subset in zs:

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from counterpoint.config import ConfigError, ModelConfig, RunConfig, load_config, save_config
+from counterpoint.config import ConfigError, ModelConfig, RunConfig, load_config, save_config, to_dict
 from counterpoint.data.readers import detect_format
 from counterpoint.data.stream_plan import steps_for_samples
 from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.errors import CheckpointError, UserError
-from counterpoint.evaluate.runner import evaluate_model, load_classes
+from counterpoint.evaluate.inputs import EvalInputs, check_eval_inputs, resolve_eval_inputs, with_resolved_inputs
+from counterpoint.evaluate.runner import evaluate_model
 from counterpoint.models.presets import ModelSpec, build_model, resolve_spec
 from counterpoint.models.two_tower import TwoTower
 from counterpoint.objectives.contrastive import ContrastiveTask
@@ -40,6 +41,7 @@ from counterpoint.train.distributed import (
     ParallelTask,
     as_float,
     distributed_session,
+    is_main_process,
     maybe_inject_fault,
     restarted_by_torchrun,
 )
@@ -133,17 +135,16 @@ def json_line(row: dict[str, Any]) -> str:
     return json.dumps({k: clean(v) for k, v in row.items()}, allow_nan=False) + "\n"
 
 
-def check_data_paths(cfg: RunConfig) -> None:
-    """Fail before training, not after it, when the model cannot be built or an evaluation input is missing."""
+def check_data_paths(cfg: RunConfig) -> EvalInputs:
+    """Fail before training, not after it, when the model cannot be built, the training data is missing or an
+    evaluation input is missing or unusable; returns the evaluation inputs (``auto`` resolved)."""
     resolve_spec(cfg.model.name, embed_dim=cfg.model.embed_dim, image_size=cfg.model.image_size,
                  context_length=cfg.model.context_length, vocab_size=cfg.model.vocab_size)
     if not cfg.data.stream.sources:
         detect_format(cfg.data.train)
-    if cfg.eval.retrieval and cfg.data.test:
-        detect_format(cfg.data.test)
-    if (cfg.eval.zeroshot or cfg.eval.linear_probe) and cfg.data.zeroshot:
-        detect_format(cfg.data.zeroshot)
-        load_classes(cfg.data.classes)
+    inputs = resolve_eval_inputs(cfg)
+    check_eval_inputs(cfg, inputs)
+    return inputs
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -152,11 +153,66 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     Under torchrun every process calls this; see ``train/distributed.py``. A job torchrun restarted after a
     failure resumes from the run's latest checkpoint by itself.
     """
-    check_data_paths(cfg)
+    inputs = check_data_paths(cfg)
+    cfg = with_resolved_inputs(cfg, inputs)  # the run's config.yaml names the data it is evaluated on
+    if is_main_process():
+        _print_eval_plan(cfg, inputs)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     with distributed_session(cfg.train.device) as ctx:
         return _train(cfg, ctx, resume or restarted_by_torchrun(), overwrite)
+
+
+# Settings a resumed run may change: they do not alter what the run computes (logging, checkpoint cadence,
+# evaluation, where and how fast it runs, when it stops). Every other setting must stay as the run started.
+RESUMABLE_CHANGES = ("out_dir", "eval.", "data.test", "data.zeroshot", "data.classes", "data.stream.num_workers",
+                     "data.stream.prefetch_factor", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.progress", "train.threads", "train.max_steps", "train.device",
+                     "train.parallel", "train.accum_steps", "train.grad_checkpointing", "train.on_nonfinite",
+                     "objective.chunk_size")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to resume with settings that differ from the run's own (``config.yaml``) where the difference
+    would make the continued run compute something else (batch size, learning rate, data, model, ...)."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return  # a run directory without its config (written by hand): nothing to compare with
+    try:
+        saved = _flatten(to_dict(load_config(saved_file)))
+    except UserError as exc:
+        raise UserError(f"--resume: the run's own config.yaml cannot be read ({exc})") from None
+    now = _flatten(to_dict(cfg))
+    changed = [k for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UserError(f"--resume: {shown}{more} differ from the run's config.yaml; a resumed run must compute "
+                        f"what it started computing: restore them, or start a new run (another out_dir, or "
+                        f"--overwrite)")
+
+
+def _print_eval_plan(cfg: RunConfig, inputs: EvalInputs) -> None:
+    parts = []
+    if cfg.eval.retrieval and inputs.test:
+        parts.append(f"retrieval on {inputs.test}")
+    if (cfg.eval.zeroshot or cfg.eval.linear_probe) and inputs.zeroshot:
+        parts.append(f"zero-shot / linear probe on {inputs.zeroshot} "
+                     f"(classes: {inputs.classes or 'the labels of the images'})")
+    parts += [f"no {what} ({why})" for what, why in inputs.skipped.items()]
+    if parts:
+        print("evaluation after training: " + "; ".join(parts))
 
 
 def _find_resume_checkpoint(run_dir: Path, ctx: DistContext, required: bool) -> Path | None:
@@ -193,7 +249,14 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     if meta:
         spec = spec_from_state(meta, resume_from)
         check_architecture(spec, meta.get("model_name"), cfg.model, resume_from)
+        if ctx.is_main:
+            check_resume_config(run_dir, cfg)
         tokenizer = load_tokenizer(resume_from, spec)
+        if _finished_and_evaluated(run_dir, meta, cfg):
+            if ctx.is_main:
+                print(f"{run_dir} is finished (step {meta['step']}) and evaluated: nothing to resume; "
+                      f"'counterpoint eval {run_dir}' evaluates it again")
+            return run_dir
     else:
         spec = resolve_spec(cfg.model.name, embed_dim=cfg.model.embed_dim, image_size=cfg.model.image_size,
                             context_length=cfg.model.context_length, vocab_size=cfg.model.vocab_size)
@@ -329,6 +392,17 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     return run_dir
 
 
+def _finished_and_evaluated(run_dir: Path, meta: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether the checkpoint is the run's last step and ``eval.json`` holds that step's evaluation."""
+    end = min(meta.get("total_steps") or math.inf, cfg.train.max_steps or math.inf)
+    if meta["step"] < end:
+        return False
+    try:
+        return json.loads((run_dir / "eval.json").read_text(encoding="utf-8")).get("step") == meta["step"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _is_finite(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> bool:
     """Whether the step's loss (and gradient norm, when clipping computed it) are finite numbers."""
     values = [v.detach().float().reshape(1) for v in losses.values()]
@@ -356,7 +430,9 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot_curves(rows, run_dir)
     plot_eval(result, run_dir)
-    summary = {"model": model_name, "steps": step, "train data": cfg.data.train,
+    stream = cfg.data.stream.sources
+    train_data = ("streamed from " + ", ".join(str(src.shards) for src in stream)) if stream else cfg.data.train
+    summary = {"model": model_name, "steps": step, "train data": train_data,
                "skipped samples": sum(s["total"] for s in result["data"]["skipped"].values())}
     write_report(run_dir, result, rows, summary)
     return result
