@@ -165,7 +165,8 @@ def _print_summary(run_dir: Path) -> None:
     if "linear_probe" in result:
         parts.append(f"linear probe {result['linear_probe']['top1']:.3f}")
     skipped = sum(s["total"] for s in result["data"]["skipped"].values())
-    parts.append(f"{skipped} samples skipped")
+    met = sum(s.get("occurrences", s["total"]) for s in result["data"]["skipped"].values())
+    parts.append(f"{skipped} samples skipped" + (f" (met {met} times)" if met > skipped else ""))
     print(f"{run_dir}: " + "; ".join(parts))
     print(f"report: {run_dir / 'report.md'}")
 

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -46,36 +47,68 @@ IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.
 
 @dataclass
 class SkipStats:
-    """Counts of skipped samples by reason, with a few examples for the report."""
+    """Skipped samples by reason: each distinct sample once (``counts``, ``total``), how often skips happened
+    (``occurrences``: a damaged sample met again every epoch of a stream counts once per meeting), and a few
+    examples for the report. A sample is identified by its ``where`` text (file and key, or file and line)."""
 
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    occurrences: int = 0
+    seen: set[tuple[str, str]] = field(default_factory=set)  # (reason, where), up to SEEN_LIMIT
 
-    def skip(self, reason: str, where: str) -> None:
+    SEEN_LIMIT: ClassVar[int] = 100_000  # beyond it, new skips count as new samples (memory stays bounded)
+
+    def _add(self, reason: str, where: str) -> None:
+        if (reason, where) in self.seen:
+            return
+        if len(self.seen) < self.SEEN_LIMIT:
+            self.seen.add((reason, where))
         self.counts[reason] += 1
         if len(self.examples) < 10:
             self.examples.append(f"{reason}: {where}")
 
+    def skip(self, reason: str, where: str) -> None:
+        self.occurrences += 1
+        self._add(reason, where)
+
     def merge(self, other: SkipStats) -> None:
-        """Add ``other``'s counts (e.g. those a loader worker sent back with a batch)."""
-        self.counts.update(other.counts)
-        self.examples.extend(other.examples[: 10 - len(self.examples)])
+        """Add ``other``'s skips (those a loader worker sent back with a batch, or another rank's)."""
+        self.occurrences += other.occurrences
+        for reason, where in sorted(other.seen):
+            self._add(reason, where)
+        # samples ``other`` counted without remembering them (its limit, or counts read back from a report)
+        self.counts.update(other.counts - Counter(reason for reason, _ in other.seen))
+        self.examples.extend(e for e in other.examples[: 10 - len(self.examples)] if e not in self.examples)
 
     @classmethod
     def from_dict(cls, data: dict) -> SkipStats:
-        """The inverse of :meth:`as_dict` (e.g. counts saved in a checkpoint); malformed entries are ignored."""
-        by_reason = data.get("by_reason") if isinstance(data, dict) else None
-        counts = Counter({str(k): v for k, v in (by_reason or {}).items()
+        """The inverse of :meth:`as_dict` / :meth:`state_dict` (e.g. counts saved in a checkpoint); malformed
+        entries are ignored."""
+        if not isinstance(data, dict):
+            return cls()
+        counts = Counter({str(k): v for k, v in (data.get("by_reason") or {}).items()
                           if isinstance(v, int) and not isinstance(v, bool) and v > 0})
-        examples = [str(e) for e in (data.get("examples") or [])][:10] if isinstance(data, dict) else []
-        return cls(counts, examples)
+        examples = [str(e) for e in (data.get("examples") or [])][:10]
+        seen = {(str(x[0]), str(x[1])) for x in (data.get("seen") or []) if isinstance(x, list) and len(x) == 2}
+        occurrences = data.get("occurrences")
+        total = sum(counts.values())
+        if not isinstance(occurrences, int) or isinstance(occurrences, bool) or occurrences < total:
+            occurrences = total
+        return cls(counts, examples, occurrences, seen)
 
     @property
     def total(self) -> int:
+        """Distinct samples skipped."""
         return sum(self.counts.values())
 
     def as_dict(self) -> dict:
-        return {"total": self.total, "by_reason": dict(self.counts), "examples": list(self.examples)}
+        """For reports and eval.json: ``total`` distinct samples, ``occurrences``, ``by_reason``, ``examples``."""
+        return {"total": self.total, "occurrences": self.occurrences, "by_reason": dict(self.counts),
+                "examples": list(self.examples)}
+
+    def state_dict(self) -> dict:
+        """:meth:`as_dict` plus the samples seen, so a resumed run knows which skips are recurrences."""
+        return {**self.as_dict(), "seen": [list(x) for x in sorted(self.seen)]}
 
 
 @dataclass

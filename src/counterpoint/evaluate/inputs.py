@@ -142,7 +142,7 @@ def _peek_labels(path: str) -> tuple[int, int]:
 def check_eval_inputs(cfg: RunConfig, inputs: EvalInputs) -> None:
     """Everything the final evaluation will read, checked before training: a mistake found after an hour of
     training costs the hour."""
-    if inputs.test:
+    if inputs.test and cfg.eval.retrieval:
         detect_format(inputs.test)
     if inputs.zeroshot and (cfg.eval.zeroshot or cfg.eval.linear_probe):
         detect_format(inputs.zeroshot)

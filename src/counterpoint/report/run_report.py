@@ -64,9 +64,12 @@ def write_report(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any
                   f"Test top-1 {lp['top1']:.4f} (validation {lp['val_top1']:.4f}, l2 = {lp['l2']:g}, "
                   f"{lp['n_train']} train / {lp['n_test']} test images).", ""]
     skipped = result.get("data", {}).get("skipped", {})
-    lines += ["## Data", "", "| split | skipped | reasons |", "|---|---|---|"]
+    lines += ["## Data", "", "Samples that could not be used, each counted once; a streamed run meets a damaged "
+              "sample again every epoch (`times met`).", "",
+              "| split | skipped samples | times met | reasons |", "|---|---|---|---|"]
     for split, s in skipped.items():
-        lines.append(f"| {split} | {s['total']} | {', '.join(f'{k}: {v}' for k, v in s['by_reason'].items()) or '-'} |")
+        reasons = ", ".join(f"{k}: {v}" for k, v in s["by_reason"].items()) or "-"
+        lines.append(f"| {split} | {s['total']} | {s.get('occurrences', s['total'])} | {reasons} |")
     lines.append("")
     lines += ["## Plots", ""]
     for name, title in (("loss.png", "Training loss"), ("temperature.png", "Temperature"),

@@ -107,7 +107,7 @@ class StreamedBatches:
 
     def info(self) -> dict[str, Any]:
         """What this rank streamed and skipped (:func:`data_info` sums the ranks)."""
-        return {"streamed_batches_per_rank": self.loader.batches, "skipped": self.loader.skips.as_dict()}
+        return {"streamed_batches_per_rank": self.loader.batches, "skipped": self.loader.skips.state_dict()}
 
     def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batch of every step from ``start_step`` on. A loader batch in which fewer than two
@@ -143,7 +143,7 @@ def data_info(data: InMemoryBatches | StreamedBatches, ctx: DistContext) -> dict
         total = SkipStats()
         for part in ctx.gather(info["skipped"]):
             total.merge(SkipStats.from_dict(part))
-        info["skipped"] = total.as_dict()
+        info["skipped"] = total.state_dict()
     return info
 
 

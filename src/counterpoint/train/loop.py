@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from counterpoint.config import ConfigError, ModelConfig, RunConfig, load_config, save_config, to_dict
-from counterpoint.data.readers import detect_format
+from counterpoint.data.readers import SkipStats, detect_format
 from counterpoint.data.stream_plan import steps_for_samples
 from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.errors import CheckpointError, UserError
@@ -424,7 +424,7 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
         return result
     train_info = read_data_info(run_dir / "data.json")
     if train_info is not None:
-        result["data"]["skipped"]["train"] = train_info["skipped"]
+        result["data"]["skipped"]["train"] = SkipStats.from_dict(train_info["skipped"]).as_dict()
     result.update(step=step, model=model_name, eval_seconds=round(time.perf_counter() - t0, 2))
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     rows = read_metrics(run_dir / "metrics.jsonl")
