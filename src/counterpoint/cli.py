@@ -118,12 +118,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"'{run_dir}' is not a run directory (no config.yaml); pass the out_dir of a training run")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
+    out = Path(args.out) if args.out else run_dir / "evals" / _slug(args.overrides) if args.overrides else run_dir
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; name a folder")
     with distributed_session(cfg.train.device) as ctx:  # under torchrun the ranks share the evaluation
         model, tokenizer, meta = load_run_model(run_dir, ctx.device, expect=cfg.model)
-        finalize_run(run_dir, model, tokenizer, cfg, ctx.device, meta["step"], meta.get("model_name", cfg.model.name))
+        finalize_run(run_dir, model, tokenizer, cfg, ctx.device, meta["step"], meta.get("model_name", cfg.model.name),
+                     out_dir=out)
     if is_main_process():
-        _print_summary(run_dir)
+        _print_summary(out)
     return 0
+
+
+def _slug(overrides: list[str]) -> str:
+    """A folder name for an evaluation with ``overrides`` (``data.test=a/b.csv`` -> ``data.test=a_b.csv``)."""
+    text = "_".join(overrides)
+    return "".join(c if c.isalnum() or c in "._=-," else "_" for c in text)[:120]
 
 
 def _cmd_balance(args: argparse.Namespace) -> int:
@@ -241,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="re-evaluate a saved run")
     ev.add_argument("run_dir")
-    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.linear_probe=false")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.test=mydata/test.csv")
+    ev.add_argument("--out", help="folder for eval.json and report.md (default: the run directory without "
+                    "overrides, RUN_DIR/evals/<overrides> with them, so the training-time results stay)")
     ev.set_defaults(func=_cmd_eval)
 
     bal = sub.add_parser("balance", help="balanced multimodal classification (MMPareto and baselines)")

@@ -317,7 +317,12 @@ def iter_csv(path: str, skips: SkipStats) -> Iterator[RawSample]:
 
 def iter_folder(path: str, caption_key: str, skips: SkipStats) -> Iterator[RawSample]:
     root = Path(path)
-    images = sorted(f for f in root.rglob("*") if f.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    files = sorted(root.rglob("*"))
+    images = [f for f in files if f.suffix.lower().lstrip(".") in IMAGE_EXTS]
+    with_image = {f.with_suffix("") for f in images}
+    for txt in files:  # a caption whose image is missing is a lost sample too: count it
+        if txt.suffix.lower() == ".txt" and txt.with_suffix("") not in with_image:
+            skips.skip("missing_image", str(txt.relative_to(root)))
     for img_path in images:
         members: dict[str, bytes] = {}
         where = str(img_path.relative_to(root))

@@ -100,7 +100,8 @@ def plot_compare_accuracy(table: Mapping[str, Mapping[str, Any]], weak: str, pat
         means = [table[m]["acc"][key]["mean"] for m in methods]
         stds = [table[m]["acc"][key]["std"] for m in methods]
         xs = [i + (j - 0.5) * width for i in range(len(methods))]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label, color=f"C{j}")
+        errors = None if None in stds else stds  # one seed: no error bars rather than bars of zero
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=label, color=f"C{j}")
         for x, v in zip(xs, means):
             ax.text(x, v + 0.015, f"{v:.2f}", ha="center", fontsize=7)
     ax.set_xticks(range(len(methods)), methods, fontsize=8, rotation=15)

@@ -36,8 +36,23 @@ from counterpoint.train.balance_loop import load_benchmark, train_balance
 
 
 def _stat(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    """Mean and sample standard deviation over seeds (``std`` is ``None`` for one seed: no spread is known)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "values": values}
+
+
+def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """How mean ``a`` compares with mean ``b`` (fused accuracy over seeds), claiming a difference only when it
+    exceeds twice its standard error; with one seed nothing can be claimed."""
+    delta = 100 * (a["mean"] - b["mean"])
+    n = len(a["values"])
+    if n < 2 or a["std"] is None or b["std"] is None:
+        return f"{delta:+.1f} points on one seed: too few seeds to tell a difference from noise"
+    se = 100 * ((a["std"] ** 2 + b["std"] ** 2) / n) ** 0.5
+    if abs(delta) <= 2 * se:
+        return f"{delta:+.1f} points, within the seed-to-seed spread (2 standard errors: {2 * se:.1f}): no clear " \
+               f"difference"
+    return f"{delta:+.1f} points, more than 2 standard errors ({2 * se:.1f}): {'above' if delta > 0 else 'below'}"
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -76,6 +91,9 @@ def findings(table: dict[str, dict[str, Any]], methods: tuple[MethodConfig, ...]
         base = table[uniform]["acc"]["fused"]["mean"]
         out["versus_uniform"] = {m.display: 100 * (table[m.display]["acc"]["fused"]["mean"] - base)
                                  for m in methods if m.name == "mmpareto"}
+        out["versus_uniform_verdict"] = {m.display: verdict(table[m.display]["acc"]["fused"],
+                                                            table[uniform]["acc"]["fused"])
+                                         for m in methods if m.name == "mmpareto"}
     return out
 
 
@@ -87,6 +105,8 @@ def _finished(run_dir: Path, cfg: BalanceConfig) -> bool:
 
 
 def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    if s["std"] is None:  # one seed
+        return f"{scale * s['mean']:.{digits}f}"
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
 
@@ -95,7 +115,8 @@ def markdown(summary: dict[str, Any], modalities: list[str], command: str) -> st
     has_phi = all("shapley" in row for row in table.values())
     head = ["method", "fused", *modalities, *(f"Shapley {k}" for k in modalities if has_phi),
             "epoch (val)", "step ms", "conflict rate"]
-    lines = [f"Test accuracy (%) at the epoch chosen on validation, mean ± std over seeds {summary['seeds']}; "
+    spread = "mean ± std over seeds" if len(summary["seeds"]) > 1 else "one seed (no spread known), seed"
+    lines = [f"Test accuracy (%) at the epoch chosen on validation, {spread} {summary['seeds']}; "
              f"weak modality: **{weak}**. Shapley: contribution (points) of each modality to the fused accuracy. "
              "Conflict rate: fraction of steps with cos(g_m, g_u) < 0, per encoder.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -111,9 +132,8 @@ def markdown(summary: dict[str, Any], modalities: list[str], command: str) -> st
         im = summary["imbalance"]
         lines.append(f"Imbalance: under joint training the {weak} unimodal head reaches {100 * im['joint']:.1f}%, "
                      f"{im['gap_points']:.1f} points below the {weak}-alone model ({100 * im['unimodal']:.1f}%).")
-    for label, delta in summary.get("versus_uniform", {}).items():
-        verdict = "beats" if delta > 0 else "does not beat"
-        lines.append(f"{label} {verdict} uniform on fused accuracy ({delta:+.1f} points, mean over seeds).")
+    for label, said in summary.get("versus_uniform_verdict", {}).items():
+        lines.append(f"{label} against uniform on fused accuracy: {said}.")
     lines += ["", f"Command: `{command}`", "", "![accuracy](compare_accuracy.png)", "",
               "![cosine](compare_cosine.png)", ""]
     return "\n".join(lines)

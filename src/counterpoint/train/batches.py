@@ -41,6 +41,9 @@ class InMemoryBatches:
         self.pairs: PairSet = load_pairs(cfg.data.train, image_size, cfg.data.caption_key,
                                          cfg.data.max_train_samples, progress, desc="reading train")
         self.steps_per_epoch: int | None = len(self.pairs) // cfg.train.batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"'{cfg.data.train}' holds {len(self.pairs)} usable pairs, fewer than one batch of "
+                            f"{cfg.train.batch_size}; lower train.batch_size")
         self.tokens: torch.Tensor | None = None
 
     def captions(self) -> list[str]:

@@ -106,7 +106,9 @@ def prepare_run_dir(out_dir: str, resume: bool, overwrite: bool, resumable: bool
     run_dir = Path(out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"out_dir '{run_dir}' is a file; set out_dir=... to a folder")
-    has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    # A run is there once it logged a step or saved a checkpoint: a start that failed its checks before the
+    # first step leaves nothing that blocks the corrected retry.
+    has_run = bool(read_metrics(run_dir / "metrics.jsonl")) or bool(ckpt.checkpoint_candidates(run_dir / "checkpoints"))
     if has_run and not (resume or overwrite):
         how = "pass --resume to continue it, --overwrite to start again," if resumable else \
             "pass --overwrite to start again"
@@ -413,9 +415,11 @@ def _is_finite(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) 
 
 
 def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device: torch.device,
-                 step: int, model_name: str) -> dict[str, Any]:
+                 step: int, model_name: str, out_dir: Path | None = None) -> dict[str, Any]:
     """Evaluate (spread over the ranks of a process group), then write ``eval.json``, the plots and
-    ``report.md`` (rank 0)."""
+    ``report.md`` (rank 0) into ``out_dir``: the run directory itself by default, or another folder for an
+    evaluation with other settings (the training curves stay in the run directory)."""
+    out_dir = out_dir or run_dir
     rank, world_size = world_info()
     t0 = time.perf_counter()
     result = evaluate_model(model, tokenizer, cfg, device, progress=cfg.train.progress and rank == 0,
@@ -426,15 +430,22 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
     if train_info is not None:
         result["data"]["skipped"]["train"] = SkipStats.from_dict(train_info["skipped"]).as_dict()
     result.update(step=step, model=model_name, eval_seconds=round(time.perf_counter() - t0, 2))
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     rows = read_metrics(run_dir / "metrics.jsonl")
-    plot_curves(rows, run_dir)
-    plot_eval(result, run_dir)
+    if out_dir == run_dir:
+        plot_curves(rows, run_dir)
+    else:
+        result["run"] = str(run_dir)
+        save_config(cfg, out_dir / "config.yaml")
+    plot_eval(result, out_dir)
     stream = cfg.data.stream.sources
     train_data = ("streamed from " + ", ".join(str(src.shards) for src in stream)) if stream else cfg.data.train
     summary = {"model": model_name, "steps": step, "train data": train_data,
                "skipped samples": sum(s["total"] for s in result["data"]["skipped"].values())}
-    write_report(run_dir, result, rows, summary)
+    if out_dir != run_dir:
+        summary = {"evaluation of": str(run_dir), **summary}
+    write_report(out_dir, result, rows, summary)
     return result
 
 
