@@ -338,14 +338,14 @@ def test_class_template_without_placeholder_is_refused_before_training(
 
 
 @pytest.mark.slow
-def test_unknown_zeroshot_labels_are_counted(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_unknown_zeroshot_labels_are_counted(tmp_path: Path) -> None:
     """Zero-shot images whose label is not in the class file are counted as ``unknown_label`` in eval.json."""
+    train_csv = write_csv(tmp_path / "mine" / "train.csv", 32)
     labelled = write_csv(tmp_path / "zs" / "labelled.csv", 12)  # two of each colour
     classes = _class_file(tmp_path / "classes.json", list(COLOURS)[:5], ["a {c} square"])  # no cyan
-    rc = main(["eval", str(run), f"data.zeroshot={labelled}", f"data.classes={classes}", "data.test=",
-               "eval.zeroshot=true", "eval.linear_probe=false", "eval.retrieval=false"])
-    assert rc == 0, capsys.readouterr().err
-    result = json.loads((run / "eval.json").read_text())
+    run_dir = train(_own_cfg(tmp_path / "run", train_csv, data={"zeroshot": str(labelled), "classes": str(classes)},
+                             evaluate={"retrieval": False, "linear_probe": False}))
+    result = json.loads((run_dir / "eval.json").read_text())
     skipped = result["data"]["skipped"]["zeroshot"]
     assert skipped["by_reason"] == {"unknown_label": 2} and skipped["total"] == 2
     assert result["zeroshot"]["num_classes"] == 5 and result["zeroshot"]["all"]["n"] == 10

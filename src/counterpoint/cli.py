@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from counterpoint import __version__
 from counterpoint.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,6 +32,20 @@ if TYPE_CHECKING:
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
                        errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EFBIG}
+
+
+EXAMPLES = """examples:
+  counterpoint data make world --out data/world
+  counterpoint train configs/clip_world.yaml
+  counterpoint train configs/clip_world.yaml train.epochs=1 model.name=tiny-vit
+  counterpoint train configs/clip_world.yaml --resume
+  counterpoint eval runs/clip-world
+  counterpoint eval runs/clip-world data.test=data/world/test --out runs/clip-world/evals/test
+  counterpoint config show configs/clip_world.yaml train.lr=1e-3
+  counterpoint balance train configs/balance_av.yaml method.name=uniform
+  counterpoint balance compare configs/balance_av.yaml
+  counterpoint launch --nproc-per-node 2 -- train configs/clip_world.yaml
+"""
 
 
 def _cmd_data_make(args: argparse.Namespace) -> int:
@@ -136,6 +153,22 @@ def _slug(overrides: list[str]) -> str:
     return "".join(c if c.isalnum() or c in "._=-," else "_" for c in text)[:120]
 
 
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    """Every setting of the resolved config: value, default (when it differs) and what it means."""
+    from counterpoint.config import describe, load_config, load_yaml
+    from counterpoint.train.balance_config import BalanceConfig, load_balance_config
+
+    is_balance = bool({"method", "compare"} & set(load_yaml(args.config)))
+    cfg = load_balance_config(args.config, args.overrides) if is_balance else load_config(args.config, args.overrides)
+    kind = "balance (counterpoint balance ...)" if isinstance(cfg, BalanceConfig) else "train (counterpoint train)"
+    print(f"# {args.config}: a {kind} recipe, resolved; * marks a value that differs from the default")
+    for key, value, default, text in describe(cfg):
+        shown = json.dumps(value)
+        mark = f"* (default {json.dumps(default)})" if value != default else ""
+        print(f"{key:<34} {shown:<22} {mark + '  ' if mark else ''}{text}")
+    return 0
+
+
 def _cmd_balance(args: argparse.Namespace) -> int:
     import json
 
@@ -182,7 +215,9 @@ def _print_summary(run_dir: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="counterpoint", description="Multimodal representation learning.")
+    parser = argparse.ArgumentParser(prog="counterpoint", description="Multimodal representation learning.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"counterpoint {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="generate or convert data")
@@ -256,6 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "overrides, RUN_DIR/evals/<overrides> with them, so the training-time results stay)")
     ev.set_defaults(func=_cmd_eval)
 
+    conf = sub.add_parser("config", help="inspect recipes")
+    conf_sub = conf.add_subparsers(dest="config_command", required=True)
+    show = conf_sub.add_parser("show", help="every setting of a recipe (+ overrides): value, default, meaning")
+    show.add_argument("config", help="YAML recipe, e.g. configs/clip_world.yaml")
+    show.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
+    show.set_defaults(func=_cmd_config_show)
+
+    launch = sub.add_parser("launch", help="run a command in several processes (torchrun), errors printed once",
+                            description="counterpoint launch [torchrun options] -- COMMAND ...; e.g. counterpoint "
+                            "launch --nproc-per-node 2 -- train configs/clip_world.yaml")
+    launch.add_argument("args", nargs=argparse.REMAINDER, metavar="...",
+                        help="torchrun options (e.g. --nproc-per-node 2 --max-restarts 3), then --, then the "
+                        "counterpoint command and its arguments")
+    launch.set_defaults(func=_cmd_launch)
+
     bal = sub.add_parser("balance", help="balanced multimodal classification (MMPareto and baselines)")
     bal_sub = bal.add_subparsers(dest="balance_command", required=True)
     for name, text in (("train", "train one method on one seed"),
@@ -265,17 +315,99 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=uniform")
         cmd.add_argument("--overwrite", action="store_true", help="replace existing runs in out_dir")
         cmd.set_defaults(func=_cmd_balance)
+    _show_defaults(parser)
     return parser
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    """torchrun with counterpoint as the program: a user error is printed once (not once per rank) and ends the
+    job with exit code 2, without the launcher's own traceback."""
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if "--" not in args.args:
+        raise UserError("launch: separate torchrun's options from the command with --, e.g. counterpoint launch "
+                        "--nproc-per-node 2 -- train configs/clip_world.yaml")
+    cut = args.args.index("--")
+    torchrun, command = args.args[:cut], args.args[cut + 1 :]
+    if not command:
+        raise UserError("launch: name the command to run, e.g. counterpoint launch --nproc-per-node 2 -- train "
+                        "configs/clip_world.yaml")
+    torchrun_args = get_args_parser().parse_args([*torchrun, "-m", "counterpoint.cli", *command])
+    with tempfile.TemporaryDirectory(prefix="counterpoint-errors-") as errors:
+        os.environ[ERROR_DIR_ENV] = errors
+        try:
+            run(torchrun_args)
+        except ChildFailedError as exc:
+            messages = sorted({p.read_text() for p in Path(errors).glob("rank-*.txt")})
+            if messages:
+                print("\n".join(messages), file=sys.stderr)
+                return 2
+            codes = [f.exitcode for f in exc.failures.values()]
+            print(f"counterpoint: error: a process of the job failed (exit code {codes[0]}); its output is above",
+                  file=sys.stderr)
+            return 1
+        finally:
+            del os.environ[ERROR_DIR_ENV]
+    return 0
+
+
+# Set by `counterpoint launch`: each rank writes its one-line user error here, and the launcher prints each
+# distinct message once.
+ERROR_DIR_ENV = "COUNTERPOINT_ERROR_DIR"
+
+
+def _report_user_error(message: str) -> None:
+    """Print a user error once per job: rank 0 prints (under torchrun every rank usually fails alike); under
+    ``counterpoint launch`` every rank hands its message to the launcher instead."""
+    line = f"counterpoint: error: {message}"
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get(ERROR_DIR_ENV) and os.environ.get("WORLD_SIZE", "1") != "1":
+        (Path(os.environ[ERROR_DIR_ENV]) / f"rank-{rank}.txt").write_text(line)
+    elif rank == "0":
+        print(line, file=sys.stderr)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand's --help shows each option's default."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+                _show_defaults(child)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may come before or after flags (``train cfg.yaml --overwrite
+    train.lr=1e-3``), which argparse alone refuses once a flag has ended the positional list."""
+    if argv[:1] == ["launch"] and not set(argv[1:2]) & {"-h", "--help"}:
+        return argparse.Namespace(args=argv[1:], func=_cmd_launch)  # torchrun's options are not ours to parse
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if extra != overrides or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in overrides) or extra[0]}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a bare `counterpoint`: what can it do?
+        parser.print_help()
+        return 0
+    args = _parse(parser, argv)
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"counterpoint: error: {exc}", file=sys.stderr)
+        _report_user_error(str(exc))
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes stdout once more at exit)
+        return 0
     except KeyboardInterrupt as exc:
         print(f"counterpoint: {exc or 'interrupted'}", file=sys.stderr)
         return 130

@@ -37,11 +37,11 @@ class ModelConfig:
     only ``embed_dim``.
     """
 
-    name: str = "tiny-cnn"
-    embed_dim: int | None = None
-    image_size: int | None = None
-    context_length: int | None = None
-    vocab_size: int | None = None
+    name: str = "tiny-cnn"  # preset: tiny-cnn, tiny-vit, small-cnn, small-vit, vit-b-32, vit-b-16
+    embed_dim: int | None = None  # joint embedding size (null: the preset's)
+    image_size: int | None = None  # input pixels per side (null: the preset's)
+    context_length: int | None = None  # text tokens incl. <sot>/<eot>; longer captions are cut (null: preset's)
+    vocab_size: int | None = None  # BPE vocabulary trained on the training captions (null: the preset's)
 
 
 @dataclass
@@ -49,7 +49,7 @@ class SourceConfig:
     """One source of WebDataset shards to stream, and its share of the mix (weights are relative)."""
 
     shards: str | tuple[str, ...] = ""  # a brace pattern, glob or folder, or a list of them
-    weight: float = 1.0
+    weight: float = 1.0  # share of the mix, relative to the other sources
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -64,10 +64,10 @@ class StreamConfig:
     ``num_workers`` processes, resumable mid-epoch) instead of ``data.train`` read into memory; off while
     ``sources`` is empty. One source runs in epochs unless ``resampled``; several are mixed by weight."""
 
-    sources: tuple[SourceConfig, ...] = ()
+    sources: tuple[SourceConfig, ...] = ()  # list of {shards, weight}; empty: read data.train into memory
     resampled: bool = False  # draw shards with replacement: an endless stream
     remainder: Literal["drop", "wrap"] = "drop"  # an epoch's samples beyond whole global batches
-    num_workers: int = 2
+    num_workers: int = 2  # decoding processes per rank (0: decode in the training process)
     prefetch_factor: int = 2  # batches each worker decodes ahead
 
     def __post_init__(self) -> None:
@@ -82,29 +82,30 @@ class DataConfig:
     """Where training and evaluation data come from.
 
     ``train`` / ``test`` are paths to a WebDataset shard folder (or a single ``.tar``), a CSV/TSV file, or a
-    folder of images with same-name ``.txt`` captions; the reader is picked from what the path is.
+    folder of images with same-name ``.txt`` captions; the reader is picked from what the path is. The evaluation
+    inputs default to ``auto``: the ones that belong to the training data (the world's splits beside it, or a
+    test file named like the training one), never anything else (``counterpoint/evaluate/inputs.py``); ``""``
+    skips.
     """
 
-    train: str = "data/world/train"
-    # Evaluation inputs; "auto": the ones that belong to the training data (the world's splits beside it, or
-    # a test file named like the training one), never anything else (counterpoint/evaluate/inputs.py); "" skips.
-    test: str = "auto"  # paired test set for retrieval
-    zeroshot: str = "auto"  # labelled images for zero-shot and the linear probe
+    train: str = "data/world/train"  # training pairs: shard folder or .tar, CSV/TSV, or image+caption folder
+    test: str = "auto"  # paired test set for retrieval ("auto": the training data's own; "": skip)
+    zeroshot: str = "auto"  # labelled images for zero-shot and the linear probe ("auto" / "" as test)
     classes: str = "auto"  # JSON with "classes", "templates" ({c} = class name), optionally "heldout"
-    max_train_samples: int | None = None
-    caption_key: str = "txt"
-    stream: StreamConfig = field(default_factory=StreamConfig)
+    max_train_samples: int | None = None  # read at most this many training pairs (null: all)
+    caption_key: str = "txt"  # the shard member or json field holding the caption
+    stream: StreamConfig = field(default_factory=StreamConfig)  # stream shards instead of reading data.train
 
 
 @dataclass
 class ObjectiveConfig:
     """The training objective (see ``counterpoint.objectives``)."""
 
-    name: Literal["clip", "siglip", "margin"] = "clip"
-    init_temperature: float = 0.07  # siglip: use 0.1 (scale 10, as the paper)
-    init_logit_bias: float = -10.0  # siglip only
-    max_logit_scale: float = 100.0
-    margin: float = 1.0
+    name: Literal["clip", "siglip", "margin"] = "clip"  # InfoNCE (CLIP), sigmoid (SigLIP) or margin ranking loss
+    init_temperature: float = 0.07  # initial temperature of the learnable scale; siglip: 0.1 (the paper's)
+    init_logit_bias: float = -10.0  # siglip only: initial learnable logit bias
+    max_logit_scale: float = 100.0  # the learnable 1/temperature is clamped to at most this (CLIP: 100)
+    margin: float = 1.0  # margin loss only: the required gap between positive and negative similarity
     chunk_size: int = 0  # 0: materialise the logits; >0: stream them in column chunks (big batches)
 
 
@@ -112,23 +113,23 @@ class ObjectiveConfig:
 class TrainConfig:
     """Optimisation and run-length settings."""
 
-    epochs: float = 10.0
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    epochs: float = 10.0  # passes over the training data (fractions allowed)
+    batch_size: int = 256  # global batch (split over processes under torchrun); the contrastive negatives
+    lr: float = 1e-3  # peak AdamW learning rate, after linear warmup, then cosine decay
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (not on biases, norms, position tables, the scale)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW moment decay rates
+    eps: float = 1e-6  # AdamW denominator epsilon
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.0  # the cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     translate: int = 2  # random-shift augmentation in pixels (0 disables)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    log_every: int = 20
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    threads: int = 0  # 0: let torch decide
-    progress: bool = True
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the forward pass (GPUs; slow on most CPUs)
+    log_every: int = 20  # steps between metrics.jsonl rows
+    checkpoint_every: int = 500  # steps between checkpoints (also saved at the end and on Ctrl-C)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    threads: int = 0  # CPU threads per process (0: let torch decide)
+    progress: bool = True  # progress bars with rate and ETA
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still follows `epochs`
     # Training length in samples seen, instead of epochs: stays the same run when the batch size or the
     # number of GPUs changes, and gives endless (resampled, mixed) streams their schedule length.
@@ -147,20 +148,20 @@ class TrainConfig:
 class EvalConfig:
     """What to evaluate at the end of training (and with ``counterpoint eval``)."""
 
-    zeroshot: bool = True
-    retrieval: bool = True
-    linear_probe: bool = True
-    recall_at: tuple[int, ...] = (1, 5, 10)
-    batch_size: int = 512
-    max_retrieval_samples: int | None = None
+    zeroshot: bool = True  # zero-shot classification of data.zeroshot with the class prompts
+    retrieval: bool = True  # image-text retrieval Recall@K on data.test
+    linear_probe: bool = True  # logistic regression on frozen image features of data.zeroshot
+    recall_at: tuple[int, ...] = (1, 5, 10)  # the K of Recall@K
+    batch_size: int = 512  # images or texts embedded at once
+    max_retrieval_samples: int | None = None  # use at most this many test pairs (null: all)
 
 
 @dataclass
 class RunConfig:
     """Everything a training run needs. ``out_dir`` receives the run directory contract."""
 
-    out_dir: str = "runs/clip-world"
-    seed: int = 0
+    out_dir: str = "runs/clip-world"  # the run directory (config, log, checkpoints, eval.json, report)
+    seed: int = 0  # initialisation, batch order and augmentation all follow from it
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -430,3 +431,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What every setting means: `counterpoint config show`
+
+
+def field_descriptions(cls: type) -> dict[str, str]:
+    """``{field: description}`` of a config dataclass, read from the comments beside (or right above) each
+    field in its source, so the explanation lives once, next to the default it explains; a nested section is
+    described by the first sentence of its class docstring."""
+    import inspect
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        match = re.match(r"(\w+)\s*:", stripped)
+        if match and match.group(1) in names:
+            name = match.group(1)
+            beside = stripped.split("  # ", 1)[1].strip() if "  # " in stripped else ""
+            text = " ".join([*above, beside]).strip()
+            if not text and dataclasses.is_dataclass(hints[name]):
+                text = (hints[name].__doc__ or "").strip().split(". ")[0].replace("\n", " ")
+            out[name] = " ".join(text.split())
+        above = []
+    return out
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """``(key, value, default, description)`` of every setting of ``cfg`` (a config dataclass), in order."""
+    rows: list[tuple[str, Any, Any, str]] = []
+    defaults = type(cfg)()
+    docs = field_descriptions(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", to_dict(value), to_dict(default), docs.get(f.name, "")))
+    return rows
