@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         _report_user_error(str(exc))
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: the reader has what it wanted
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes stdout once more at exit)
+        sys.stdout = open(os.devnull, "w")  # Python flushes stdout once more at exit
         return 0
     except KeyboardInterrupt as exc:
         print(f"counterpoint: {exc or 'interrupted'}", file=sys.stderr)

@@ -47,19 +47,19 @@ class AVWorldConfig:
     (std on the 0..255 scale), a smaller ``image_size`` or ``size="small"`` make vision harder. The defaults
     are the tuned benchmark of ``configs/balance_av.yaml`` (README, "Balanced multimodal learning")."""
 
-    seed: int = 0
+    seed: int = 0  # the generated samples follow from it
     label: str = "colour"  # "colour" | "shape": what the class is
-    train: int = 2000
-    val: int = 500
-    test: int = 1000
-    image_size: int = 16
+    train: int = 2000  # training samples
+    val: int = 500  # validation samples (model selection)
+    test: int = 1000  # test samples (evaluated once, for the selected epoch)
+    image_size: int = 16  # pixels per side of the visual modality
     frames: int = 1  # >1: visual is [K, 3, S, S], K independent renders of the object
-    image_noise: float = 70.0
+    image_noise: float = 70.0  # std of pixel noise (0..255 scale): higher makes vision harder
     size: str = "small"  # "small" | "large" | "any"
     position: str = "grid"  # "grid": any of the 9 cells; "center": the middle cell (easier to see)
-    audio_snr_db: float = -4.0
-    audio_seconds: float = 0.3
-    mel_bins: int = 32
+    audio_snr_db: float = -4.0  # signal-to-noise ratio of the audio: lower makes audio harder
+    audio_seconds: float = 0.3  # clip length
+    mel_bins: int = 32  # log-mel filterbank bins of the audio features
 
     def __post_init__(self) -> None:
         for name in SPLITS:

@@ -39,14 +39,14 @@ _STREAM = 0x5C  # keeps this generator's random streams apart from the world's, 
 class ShortcutConfig:
     """Knobs of the shortcut benchmark; saved with the dataset (``info["config"]``)."""
 
-    seed: int = 0
-    train: int = 6000
-    val: int = 1000
-    test: int = 2000
+    seed: int = 0  # the generated samples follow from it
+    train: int = 6000  # training samples
+    val: int = 1000  # validation samples (random colours: the shortcut is gone)
+    test: int = 2000  # test samples (random colours)
     num_classes: int = 8  # the first ``num_classes`` shapes of the world
     shortcut: float = 1.0  # fraction of training samples whose coloured image has the class colour
     noise: float = 0.0  # std of extra pixel noise on both images (0..255 scale): hardness of the shapes
-    image_size: int = 32
+    image_size: int = 32  # pixels per side of both images
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= len(SHAPES):

@@ -28,8 +28,8 @@ class BalanceDataConfig:
     ``shortcut`` the coloured-and-grey shortcut benchmark (knobs in ``shortcut``); ``benchmark: file`` loads a
     saved ModalDataset (``path``, the ``.safetensors`` next to its ``.json``, e.g. ``data av-features``)."""
 
-    benchmark: Literal["av_world", "shortcut", "file"] = "av_world"
-    path: str = ""
+    benchmark: Literal["av_world", "shortcut", "file"] = "av_world"  # generated benchmark, or a saved file
+    path: str = ""  # benchmark=file: the ModalDataset .safetensors (e.g. from data av-features)
     av_world: AVWorldConfig = field(default_factory=AVWorldConfig)
     shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
     modalities: tuple[str, ...] = ()  # use only these (in this order); empty: all of the dataset's
@@ -40,9 +40,9 @@ class ClassifierConfig:
     """Encoders (one per modality; a modality not listed in ``encoders`` gets the defaults), feature size
     and fusion (``counterpoint.models.fusion``)."""
 
-    dim: int = 64
-    fusion: FusionKind = "concat"
-    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+    dim: int = 64  # feature size of every encoder
+    fusion: FusionKind = "concat"  # concat, sum, film, gating or attention
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)  # per modality: kind and shape of its encoder
 
 
 @dataclass
@@ -52,8 +52,8 @@ class MethodConfig:
 
     OPTIONS_FOLLOW_NAME: ClassVar[bool] = True  # switching `name` by an override drops the recipe's options
 
-    name: str = "mmpareto"
-    label: str = ""
+    name: str = "mmpareto"  # joint, uniform, unimodal, mgda, ogm_ge, mmpareto, pcgrad
+    label: str = ""  # the method's name in tables (default: name)
     gamma: float | None = None  # mmpareto
     rescale: str | None = None  # mmpareto: per_tensor | per_encoder
     blocks: str | None = None  # mgda: per_encoder | all
@@ -77,21 +77,21 @@ class BalanceTrainConfig:
     recipe (there: lr 2e-3, batch 64, ResNet-18 from scratch for ~100 epochs); the built-in benchmark's
     recipe raises the learning rate so that a run takes seconds (configs/balance_av.yaml)."""
 
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 2e-3
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    epochs: int = 20  # passes over the training split
+    batch_size: int = 64  # samples per SGD step
+    lr: float = 2e-3  # constant SGD learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
     diagnostics: bool = True  # log cos(g_m, g_u) also for joint / uniform / ogm_ge (a second backward pass)
-    log_every: int = 1
+    log_every: int = 1  # steps between metrics.jsonl rows
     # Model selection on val: "fused" accuracy, "unimodal" (mean of the unimodal heads), "auto": unimodal for
     # the unimodal-alone method (whose fused head is only a probe), fused for every other.
     select_on: Literal["auto", "fused", "unimodal"] = "auto"
     precise_bn_batches: int = 8  # before each validation, batch-norm statistics from this many train batches
-    eval_batch_size: int = 500
+    eval_batch_size: int = 500  # samples per evaluation batch
     device: str = "cpu"  # "auto", "cpu", "cuda", ...
     threads: int = 1  # 0: let torch decide
-    progress: bool = True
+    progress: bool = True  # progress bars with rate and ETA
 
 
 @dataclass
@@ -104,14 +104,14 @@ class BalanceEvalConfig:
 class CompareConfig:
     """``counterpoint balance compare``: every method in ``methods`` once per seed in ``seeds``."""
 
-    methods: tuple[MethodConfig, ...] = ()
+    methods: tuple[MethodConfig, ...] = ()  # list of {name, label, options}; empty: method alone
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
 @dataclass
 class BalanceConfig:
-    out_dir: str = "runs/balance"
-    seed: int = 0
+    out_dir: str = "runs/balance"  # the run directory (compare: one folder per method and seed inside)
+    seed: int = 0  # initialisation and batch order follow from it
     data: BalanceDataConfig = field(default_factory=BalanceDataConfig)
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
