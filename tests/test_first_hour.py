@@ -218,7 +218,7 @@ def test_resuming_a_finished_evaluated_run_does_nothing(small_world: Path, run: 
     ({"batch_size": 32, "lr": 1e-3, "seed": 4, "data.train": "test"},
      ["train.batch_size 64 -> 32", "train.lr 0.002 -> 0.001", "seed 3 -> 4", "data.train"]),
     ({"embed_dim": 16}, ["embed_dim"]),
-])
+], ids=["batch-lr-seed-data", "embed_dim"])
 def test_resume_refuses_changed_settings(small_world: Path, run: Path, changes: dict, needles: list[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """--resume with settings that change the computation is refused, naming each one; the run is left as it was."""

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib import ticker  # noqa: E402
 
 
 def metric_series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -22,20 +23,27 @@ def plot_curves(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     written = []
     terms = sorted({k for r in rows for k in r if k.startswith("loss/")})
     loss_keys = ["loss", *terms] if len(terms) > 1 else ["loss"]  # one term is the total: draw it once
-    panels = [("loss.png", loss_keys, "loss", True), ("temperature.png", ["temperature"], "temperature", True),
-              ("lr.png", ["lr"], "learning rate", False)]
-    for name, keys, ylabel, logy in panels:
+    panels = [("loss.png", loss_keys, "loss", "Training loss", True),
+              ("temperature.png", ["temperature"], "temperature", "Temperature (1 / logit scale)", True),
+              ("lr.png", ["lr"], "learning rate", "Learning rate schedule", False)]
+    for name, keys, ylabel, title, logy in panels:
         present = [k for k in keys if metric_series(rows, k)[0]]
         if not present:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
         for key in present:
             steps, values = metric_series(rows, key)
-            ax.plot(steps, values, label=key, linewidth=1.2)
+            # a short run has few log rows: mark them, a line alone hides how few there are
+            ax.plot(steps, values, label=key, linewidth=1.2, marker="o" if len(steps) <= 30 else None,
+                    markersize=3)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
+        ax.set_title(title)
         if logy and all(v > 0 for k in present for v in metric_series(rows, k)[1]):
             ax.set_yscale("log")
+            # plain numbers on a log axis: "2" and "0.5", not "2x10^0" and "5x10^-1"
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         if len(present) > 1:
             ax.legend()
         ax.grid(alpha=0.3)
@@ -68,6 +76,7 @@ def plot_eval(result: dict[str, Any], out_dir: Path) -> Path | None:
     ax.set_xticks(range(len(bars)), names, fontsize=8)
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("accuracy / recall")
+    ax.set_title(f"Evaluation at step {result['step']}" if "step" in result else "Evaluation")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = out_dir / "eval.png"

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -307,6 +308,8 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
         total_steps = (cfg.train.max_steps if steps_per_epoch is None
                        else max(1, math.ceil(cfg.train.epochs * steps_per_epoch)))
     end_step = min(total_steps, cfg.train.max_steps or total_steps)
+    if ctx.is_main and not meta:
+        _warn_about_cadence(cfg, total_steps)
     extra = {"model_spec": dataclasses.asdict(spec), "model_name": cfg.model.name, "total_steps": total_steps,
              "logit_bias": model.logit_bias is not None}
 
@@ -392,6 +395,21 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     eval_model = load_run_model(final, device)[0] if par.fsdp else model
     finalize_run(run_dir, eval_model, tokenizer, cfg, device, final_step, cfg.model.name)
     return run_dir
+
+
+def _warn_about_cadence(cfg: RunConfig, total_steps: int) -> None:
+    """Say when the recipe's warmup or log cadence does not fit a run this short (a small world, or an epochs
+    override): most of the run at a rising learning rate, or a loss curve of a handful of points."""
+    t = cfg.train
+    if t.warmup_steps > total_steps / 4:
+        print(f"counterpoint: warning: train.warmup_steps={t.warmup_steps} is {t.warmup_steps / total_steps:.0%} of "
+              f"this run's {total_steps} steps; a warmup of ~5% would be train.warmup_steps="
+              f"{max(1, total_steps // 20)}", file=sys.stderr)
+    if total_steps / t.log_every < 10:
+        better = max(1, total_steps // 50)
+        print(f"counterpoint: warning: train.log_every={t.log_every} logs {total_steps // t.log_every} row(s) of "
+              f"this run's {total_steps} steps; train.log_every={better} would give {total_steps // better}",
+              file=sys.stderr)
 
 
 def _finished_and_evaluated(run_dir: Path, meta: dict[str, Any], cfg: RunConfig) -> bool:
