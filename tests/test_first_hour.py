@@ -373,9 +373,6 @@ def test_zeroshot_data_without_labels_is_refused_before_training(
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="src bug: topk_accuracy asks topk(5) of fewer than 5 classes (zeroshot.py); own labelled "
-                          "data with < 5 labels crashes after training")
 def test_zeroshot_with_fewer_classes_than_top5() -> None:
     """Zero-shot accuracy over 3 classes reports top-1 (and no top-5) instead of failing."""
     import torch

@@ -23,7 +23,9 @@ def class_embeddings(model: TwoTower, tokenizer: Tokenizer, classnames: list[str
 
 def topk_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, targets: torch.Tensor,
                   ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy for each k that the number of classes allows (top-5 of 3 classes is not reported)."""
+    ks = tuple(k for k in ks if k <= class_emb.shape[0])
     logits = image_emb @ class_emb.T  # [N, C]
     top = logits.topk(max(ks), dim=1).indices  # [N, kmax]
     hit = top == targets.unsqueeze(1)
-    return {f"top{k}": float(hit[:, :k].any(dim=1).float().mean()) for k in ks if k <= class_emb.shape[0]}
+    return {f"top{k}": float(hit[:, :k].any(dim=1).float().mean()) for k in ks}

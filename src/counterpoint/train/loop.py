@@ -8,6 +8,7 @@ moments) is in the checkpoint. A run stopped at step k and resumed therefore rep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -218,7 +219,7 @@ def _print_eval_plan(cfg: RunConfig, inputs: EvalInputs) -> None:
         print("evaluation after training: " + "; ".join(parts))
 
 
-def _find_resume_checkpoint(run_dir: Path, ctx: DistContext, required: bool) -> Path | None:
+def _find_resume_checkpoint(run_dir: Path, ctx: DistContext, required: bool, existed: bool) -> Path | None:
     """The checkpoint to continue from (rank 0 decides, after putting back a re-save a crash cut off);
     ``required``: ``--resume`` was asked for, so having none is an error rather than a fresh start."""
     found: str | None = None
@@ -227,7 +228,10 @@ def _find_resume_checkpoint(run_dir: Path, ctx: DistContext, required: bool) -> 
         ckpt.remove_stale_temporaries(root)
         folder = ckpt.newest_checkpoint(root)
         if folder is None and required:
-            where = "does not exist" if not run_dir.exists() else "holds no checkpoint"
+            where = "does not exist" if not existed else "holds no checkpoint"
+            if not existed:  # leave no empty folder behind
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
             raise UserError(f"--resume: run directory '{run_dir}' {where}, so there is nothing to resume; "
                             f"drop --resume to start a new run")
         found = str(folder) if folder is not None else None
@@ -242,12 +246,13 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
         raise UserError(f"train.batch_size={bs} (the global batch) must be divisible by the number of processes "
                         f"({ctx.world_size}) times train.accum_steps ({cfg.train.accum_steps})")
     run_dir = Path(cfg.out_dir)
+    existed = run_dir.exists()
     if ctx.is_main:
         prepare_run_dir(cfg.out_dir, resume, overwrite)
     ctx.barrier()  # nobody reads the run directory while rank 0 may still be clearing it
     # Everything a resume reads is checked before anything in the run directory changes.
-    resume_from = _find_resume_checkpoint(run_dir, ctx, required=resume and not restarted_by_torchrun()) \
-        if resume else None
+    resume_from = _find_resume_checkpoint(run_dir, ctx, required=resume and not restarted_by_torchrun(),
+                                          existed=existed) if resume else None
     meta = ckpt.read_state(resume_from) if resume_from else None
     if meta:
         spec = spec_from_state(meta, resume_from)
