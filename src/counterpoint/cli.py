@@ -225,36 +225,38 @@ def build_parser() -> argparse.ArgumentParser:
     make_sub = data_sub.add_parser("make", help="generate built-in data").add_subparsers(dest="what", required=True)
     make = make_sub.add_parser("world", help="the built-in world as image-text (and audio) files")
     make.add_argument("--out", required=True, help="output folder")
-    make.add_argument("--format", choices=["wds", "csv", "folder"], default="wds")
+    make.add_argument("--format", choices=["wds", "csv", "folder"], default="wds",
+                      help="WebDataset shards, CSV + image files, or a folder of images and captions")
     make.add_argument("--train", type=int, default=100_000, help="training pairs")
     make.add_argument("--test", type=int, default=2_000, help="retrieval test pairs")
     make.add_argument("--zeroshot", type=int, default=2_048, help="labelled single-object images")
     make.add_argument("--stories", type=int, default=0, help="interleaved documents")
     make.add_argument("--audio", action="store_true", help="also write an audio clip per sample")
-    make.add_argument("--captions", choices=["literal", "weak"], default="literal")
+    make.add_argument("--captions", choices=["literal", "weak"], default="literal",
+                      help="literal: the caption describes the scene; weak: only partly related (BriVL)")
     make.add_argument("--mismatch", type=float, default=0.0, help="fraction of mismatched (noisy) pairs")
     make.add_argument("--position-prob", type=float, default=0.5,
                       help="probability that a literal caption names where objects are")
     make.add_argument("--audio-snr-db", type=float, default=20.0, help="audio noise knob (lower is harder)")
     make.add_argument("--heldout", type=int, default=8, help="colour-shape combinations kept out of training")
-    make.add_argument("--image-size", type=int, default=32)
-    make.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png")
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--quiet", action="store_true")
+    make.add_argument("--image-size", type=int, default=32, help="pixels per side")
+    make.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png", help="image file format")
+    make.add_argument("--seed", type=int, default=0, help="the whole world follows from it")
+    make.add_argument("--quiet", action="store_true", help="no progress bars")
     make.add_argument("--overwrite", action="store_true", help="replace a world already in --out")
     make.set_defaults(func=_cmd_data_make)
 
     short = make_sub.add_parser("shortcut", help="coloured-and-grey shapes: colour predicts the class at train only")
     short.add_argument("--out", required=True, help="output file (.safetensors + .json)")
-    short.add_argument("--train", type=int, default=6000)
-    short.add_argument("--val", type=int, default=1000)
-    short.add_argument("--test", type=int, default=2000)
+    short.add_argument("--train", type=int, default=6000, help="training samples")
+    short.add_argument("--val", type=int, default=1000, help="validation samples")
+    short.add_argument("--test", type=int, default=2000, help="test samples")
     short.add_argument("--num-classes", type=int, default=8, help="number of shape classes (2-8)")
     short.add_argument("--shortcut", type=float, default=1.0,
                        help="fraction of training samples coloured in their class colour")
     short.add_argument("--noise", type=float, default=0.0, help="pixel noise std on both modalities (0-255)")
-    short.add_argument("--image-size", type=int, default=32)
-    short.add_argument("--seed", type=int, default=0)
+    short.add_argument("--image-size", type=int, default=32, help="pixels per side")
+    short.add_argument("--seed", type=int, default=0, help="the samples follow from it")
     short.set_defaults(func=_cmd_data_shortcut)
 
     av = data_sub.add_parser("av-features", help="precompute fbank + frames of an audio-visual dataset "
@@ -262,18 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("root", help="folder holding the split CSVs, the audio folder and the frame folders")
     av.add_argument("--out", required=True, help="output file (.safetensors + .json)")
     av.add_argument("--split-file", default="{split}.csv", help="split CSV name under ROOT")
-    av.add_argument("--audio-dir", default="audio")
+    av.add_argument("--audio-dir", default="audio", help="folder of WAVs under ROOT")
     av.add_argument("--audio-file", default="{clip}.wav", help="WAV name inside --audio-dir")
     av.add_argument("--visual-dir", default="visual", help="holds one folder of frames per clip")
-    av.add_argument("--sample-rate", type=int, default=16000)
+    av.add_argument("--sample-rate", type=int, default=16000, help="expected WAV sample rate (Hz)")
     av.add_argument("--resample", action="store_true", help="resample WAVs at another rate (default: skip them)")
-    av.add_argument("--num-mel-bins", type=int, default=128)
+    av.add_argument("--num-mel-bins", type=int, default=128, help="log-mel filterbank bins")
     av.add_argument("--audio-frames", type=int, default=300, help="fbank frames per clip (10 ms each)")
     av.add_argument("--frames", type=int, default=3, help="video frames per clip")
-    av.add_argument("--image-size", type=int, default=112)
+    av.add_argument("--image-size", type=int, default=112, help="frame pixels per side")
     av.add_argument("--val-fraction", type=float, default=0.1, help="of train, used when there is no val CSV")
-    av.add_argument("--seed", type=int, default=0)
-    av.add_argument("--quiet", action="store_true")
+    av.add_argument("--seed", type=int, default=0, help="seed of the train/val split when there is no val CSV")
+    av.add_argument("--quiet", action="store_true", help="no progress bars")
     av.set_defaults(func=_cmd_data_av_features)
 
     tr = sub.add_parser("train", help="pretrain, evaluate and report")
@@ -285,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="re-evaluate a saved run")
-    ev.add_argument("run_dir")
+    ev.add_argument("run_dir", help="the out_dir of a training run")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.test=mydata/test.csv")
     ev.add_argument("--out", help="folder for eval.json and report.md (default: the run directory without "
                     "overrides, RUN_DIR/evals/<overrides> with them, so the training-time results stay)")
@@ -370,12 +372,24 @@ def _report_user_error(message: str) -> None:
         print(line, file=sys.stderr)
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Shows every option's default, also of options without a help text (argparse's own formatter skips
+    those); flags that are off by default say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        off = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not off and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Every subcommand's --help shows each option's default."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
-                child.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+                child.formatter_class = _DefaultsHelp
                 _show_defaults(child)
 
 

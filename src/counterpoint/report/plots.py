@@ -18,6 +18,28 @@ def metric_series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def curve_figure(rows: list[dict[str, Any]], keys: list[str], ylabel: str, title: str, logy: bool) -> plt.Figure:
+    """One panel of training curves: every key in ``keys`` against the step."""
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for key in keys:
+        steps, values = metric_series(rows, key)
+        # a short run has few log rows: mark them, a line alone hides how few there are
+        ax.plot(steps, values, label=key, linewidth=1.2, marker="o" if len(steps) <= 30 else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logy and all(v > 0 for k in keys for v in metric_series(rows, k)[1]):
+        ax.set_yscale("log")
+        # plain numbers on a log axis: "2" and "0.5", not "2x10^0" and "5x10^-1"
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    if len(keys) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_curves(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """``loss.png`` (every loss term), ``temperature.png`` and ``lr.png`` from metrics.jsonl rows."""
     written = []
@@ -30,24 +52,7 @@ def plot_curves(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         present = [k for k in keys if metric_series(rows, k)[0]]
         if not present:
             continue
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-        for key in present:
-            steps, values = metric_series(rows, key)
-            # a short run has few log rows: mark them, a line alone hides how few there are
-            ax.plot(steps, values, label=key, linewidth=1.2, marker="o" if len(steps) <= 30 else None,
-                    markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        if logy and all(v > 0 for k in present for v in metric_series(rows, k)[1]):
-            ax.set_yscale("log")
-            # plain numbers on a log axis: "2" and "0.5", not "2x10^0" and "5x10^-1"
-            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        if len(present) > 1:
-            ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+        fig = curve_figure(rows, present, ylabel, title, logy)
         fig.savefig(out_dir / name)
         plt.close(fig)
         written.append(out_dir / name)
