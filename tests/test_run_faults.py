@@ -46,17 +46,17 @@ def _strict_rows(path: Path) -> list[dict]:
 
 def _nan_on_calls(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
     """The task's loss becomes NaN on the given forward calls (1-based)."""
-    real = ContrastiveTask.__call__
+    real = ContrastiveTask.forward
     count = [0]
 
-    def poisoned(self: ContrastiveTask, batch: dict) -> tuple[dict, dict]:
+    def poisoned(self: ContrastiveTask, batch: dict, step: int = 0) -> tuple[dict, dict]:
         count[0] += 1
-        losses, metrics = real(self, batch)
+        losses, metrics = real(self, batch, step)
         if count[0] in calls:
             losses = {k: v * float("nan") for k, v in losses.items()}
         return losses, metrics
 
-    monkeypatch.setattr(ContrastiveTask, "__call__", poisoned)
+    monkeypatch.setattr(ContrastiveTask, "forward", poisoned)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -99,14 +99,19 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective (see ``counterpoint.objectives``)."""
+    """The pretraining task (``counterpoint.objectives``): ``name`` picks a registered task and the rest of the
+    section is that task's own typed options (its ``Config``, a subclass of this one). Switching ``name`` by an
+    override drops the recipe's options of the previous task."""
 
-    name: Literal["clip", "siglip", "margin"] = "clip"  # InfoNCE (CLIP), sigmoid (SigLIP) or margin ranking loss
-    init_temperature: float = 0.07  # initial temperature of the learnable scale; siglip: 0.1 (the paper's)
-    init_logit_bias: float = -10.0  # siglip only: initial learnable logit bias
-    max_logit_scale: float = 100.0  # the learnable 1/temperature is clamped to at most this (CLIP: 100)
-    margin: float = 1.0  # margin loss only: the required gap between positive and negative similarity
-    chunk_size: int = 0  # 0: materialise the logits; >0: stream them in column chunks (big batches)
+    OPTIONS_FOLLOW_NAME: ClassVar[bool] = True
+
+    name: str = "clip"  # the registered task: clip, siglip, margin
+
+
+def _default_objective() -> ObjectiveConfig:
+    from counterpoint.objectives.base import task_class
+
+    return from_dict(task_class("clip").Config, {"name": "clip"}, prefix="objective.")
 
 
 @dataclass
@@ -164,7 +169,7 @@ class RunConfig:
     seed: int = 0  # initialisation, batch order and augmentation all follow from it
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = field(default_factory=_default_objective)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -200,10 +205,6 @@ def _check_ranges(cfg: RunConfig) -> None:
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (cfg.train.samples is None or cfg.train.samples >= 1, "train.samples must be >= 1"),
-        (0 < cfg.objective.init_temperature < 1, "objective.init_temperature must be in (0, 1)"),
-        (cfg.objective.max_logit_scale > 1, "objective.max_logit_scale must be > 1"),
-        (cfg.objective.margin > 0, "objective.margin must be > 0"),
-        (cfg.objective.chunk_size >= 0, "objective.chunk_size must be >= 0"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (all(k >= 1 for k in cfg.eval.recall_at), "eval.recall_at values must be >= 1"),
         (cfg.train.translate >= 0, "train.translate must be >= 0"),
@@ -303,6 +304,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
+    if tp is ObjectiveConfig:  # the task's own options: dispatch on its name
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping with a task name, got {value!r}")
+        from counterpoint.objectives.base import task_class
+
+        name = value.get("name", ObjectiveConfig.name)
+        if not isinstance(name, str):
+            raise ConfigError(f"{key}.name: expected a task name, got {name!r}")
+        return from_dict(task_class(name).Config, {**value, "name": name}, prefix=f"{key}.")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")

@@ -1,4 +1,5 @@
-"""Two-tower contrastive objectives: CLIP's InfoNCE and the pairwise margin (Hadsell et al.) loss.
+"""Two-tower contrastive objectives and their task: CLIP's InfoNCE, SigLIP (losses in ``chunked.py``) and the
+pairwise margin (Hadsell et al.) loss.
 
 Both are written in the *local loss* form: this rank's rows score against the columns of the global batch
 (all ranks' features, gathered with gradients). In one process the global batch is the local one and this is
@@ -9,11 +10,18 @@ B_local x B_global instead of B^2.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from counterpoint.config import ConfigError, ObjectiveConfig
+from counterpoint.models.cnn import BasicBlock
+from counterpoint.models.layers import Block
+from counterpoint.models.presets import ModelSpec, build_model
 from counterpoint.models.two_tower import TwoTower
+from counterpoint.objectives.base import Task, register
 from counterpoint.objectives.distributed import gather_with_grad
 
 
@@ -62,25 +70,79 @@ def in_batch_margin_loss(u: torch.Tensor, v_all: torch.Tensor, margin: float, of
 
 
 @dataclass
-class ContrastiveTask:
-    """Wraps a :class:`TwoTower` and a contrastive loss: ``task(batch) -> (losses, metrics)``.
+class ContrastiveConfig(ObjectiveConfig):
+    """Options of the two-tower contrastive tasks (``clip``, ``siglip``, ``margin``)."""
+
+    name: Literal["clip", "siglip", "margin"] = "clip"  # InfoNCE (CLIP), sigmoid (SigLIP) or margin ranking loss
+    init_temperature: float = 0.07  # initial temperature of the learnable scale; siglip: 0.1 (the paper's)
+    init_logit_bias: float = -10.0  # siglip only: initial learnable logit bias
+    max_logit_scale: float = 100.0  # the learnable 1/temperature is clamped to at most this (CLIP: 100)
+    margin: float = 1.0  # margin loss only: the required gap between positive and negative similarity
+    chunk_size: int = 0  # 0: materialise the logits; >0: stream them in column chunks (big batches)
+
+    def __post_init__(self) -> None:
+        checks = [(0 < self.init_temperature < 1, "objective.init_temperature must be in (0, 1)"),
+                  (self.max_logit_scale > 1, "objective.max_logit_scale must be > 1"),
+                  (self.margin > 0, "objective.margin must be > 0"),
+                  (self.chunk_size >= 0, "objective.chunk_size must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@register("clip", "siglip", "margin")
+class ContrastiveTask(Task):
+    """A :class:`TwoTower` trained with a contrastive loss over the (global) batch of image-text pairs.
 
     ``loss`` is ``"clip"`` (InfoNCE), ``"siglip"`` (pairwise sigmoid; the model needs a ``logit_bias``) or
     ``"margin"``. ``chunk_size > 0`` streams the InfoNCE logits in tiles so memory grows with B rather than
-    B^2; SigLIP is always computed in tiles (``chunk_size`` or 4096), which costs nothing at small B.
+    B^2; SigLIP is always computed in tiles (``chunk_size`` or 4096), which costs nothing at small B. After
+    every step the logit scale is clamped to ``max_logit_scale`` (CLIP's 100). The loss splits into embeddings
+    and a loss on them, so GradCache applies exactly.
     """
 
-    model: TwoTower
-    loss: str = "clip"
-    margin: float = 1.0
-    chunk_size: int = 0
+    Config = ContrastiveConfig
+    grad_cache = True
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        return self.features_loss(self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"]))
+    def __init__(self, model: TwoTower, loss: str = "clip", margin: float = 1.0, chunk_size: int = 0,
+                 max_logit_scale: float = 100.0) -> None:
+        super().__init__()
+        if loss not in ("clip", "siglip", "margin"):
+            raise ValueError(f"unknown contrastive loss {loss!r}; use 'clip', 'siglip' or 'margin'")
+        if loss == "siglip" and model.logit_bias is None:
+            raise ValueError("siglip needs a model built with a logit bias (init_logit_bias=-10)")
+        self.model = model
+        self.loss, self.margin, self.chunk_size, self.max_logit_scale = loss, margin, chunk_size, max_logit_scale
 
-    def features_loss(self, u: torch.Tensor, v: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """The loss of this rank's unit embeddings ``u``/``v`` ``[B, D]`` against the global batch (what
+    @classmethod
+    def build(cls, cfg: ContrastiveConfig, spec: ModelSpec, pad_id: int, eot_id: int) -> ContrastiveTask:
+        bias = cfg.init_logit_bias if cfg.name == "siglip" else None
+        model = build_model(spec, cfg.init_temperature, bias, pad_id=pad_id, eot_id=eot_id)
+        return cls(model, cfg.name, cfg.margin, cfg.chunk_size, cfg.max_logit_scale)
+
+    def encoder(self) -> TwoTower:
+        return self.model
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, float]]:
+        return self.features_loss(self.embed(batch))
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"])
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        self.model.clamp_logit_scale(self.max_logit_scale)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        blocks = [m for m in self.model.modules() if isinstance(m, (Block, BasicBlock))]
+        return [*blocks, self.model.visual, self.model.text]
+
+    def features_loss(self, features: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                                 dict[str, float]]:
+        """The loss of this rank's unit embeddings ``(u, v)`` ``[B, D]`` against the global batch (what
         GradCache differentiates with respect to the embeddings)."""
+        u, v = features
         u_all, offset = gather_with_grad(u)
         v_all, _ = gather_with_grad(v)
         if self.loss == "clip":
@@ -93,14 +155,10 @@ class ContrastiveTask:
         elif self.loss == "siglip":
             from counterpoint.objectives.chunked import chunked_siglip_loss
 
-            if self.model.logit_bias is None:
-                raise ValueError("siglip needs a model built with a logit bias (init_logit_bias=-10)")
             loss = chunked_siglip_loss(u, v_all, self.model.logit_scale, self.model.logit_bias, offset,
                                        self.chunk_size or 4096)
-        elif self.loss == "margin":
-            loss = in_batch_margin_loss(u, v_all, self.margin, offset)
         else:
-            raise ValueError(f"unknown contrastive loss {self.loss!r}; use 'clip', 'siglip' or 'margin'")
+            loss = in_batch_margin_loss(u, v_all, self.margin, offset)
         with torch.no_grad():
             sim = u @ v_all.T
             acc = (sim.argmax(dim=1) == torch.arange(u.shape[0], device=u.device) + offset).float().mean()

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from counterpoint.models.two_tower import TwoTower
 
@@ -46,8 +47,10 @@ def _embed(model: TwoTower, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return model.encode_image(mb["image"]), model.encode_text(mb["text"])
 
 
-def grad_cache_backward(model: TwoTower, batch: dict[str, torch.Tensor], micro_batches: int,
-                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+def grad_cache_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_batches: int,
+                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        embed: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        ) -> dict[str, torch.Tensor]:
     """Accumulate into ``.grad`` the gradient of ``loss_fn(u, v)`` over the whole ``batch``, holding the
     towers' activations for only one of ``micro_batches`` slices at a time.
 
@@ -55,7 +58,9 @@ def grad_cache_backward(model: TwoTower, batch: dict[str, torch.Tensor], micro_b
     too); ``loss_fn(u, v)``: the scalar loss of all ``B`` unit embeddings, e.g.
     ``lambda u, v: infonce_loss(u, v, u, v, model.logit_scale)`` (gather across ranks inside it, with
     gradients, for the multi-process local loss). Gradients *add* to existing ``.grad`` like ``backward``.
-    Returns ``{"loss": loss.detach()}``.
+    Returns ``{"loss": loss.detach()}``. ``model``: the module whose parameters and buffers the towers use (a
+    :class:`TwoTower`, or a task holding one); ``embed(micro_batch) -> (u, v)``: its embedding pass
+    (default: ``model.encode_image`` / ``model.encode_text``).
 
     Exactness: for a deterministic model (the ViT and text towers: LayerNorm, no dropout) the result equals
     one full-batch backward up to float rounding. The CPU/CUDA RNG state is saved before each no-grad forward
@@ -68,6 +73,7 @@ def grad_cache_backward(model: TwoTower, batch: dict[str, torch.Tensor], micro_b
     Under DDP, call this on ``ddp.module`` inside ``ddp.no_sync()`` and average the gradients over ranks
     afterwards (all_reduce / world size): the re-forwards bypass ``DDP.forward``, so DDP would not reduce.
     """
+    embed = embed or (lambda mb: _embed(model, mb))
     parts = _split(batch, micro_batches)
     tensors = [*model.parameters(), *(t for t in batch.values() if isinstance(t, torch.Tensor))]
     devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
@@ -78,7 +84,7 @@ def grad_cache_backward(model: TwoTower, batch: dict[str, torch.Tensor], micro_b
     with torch.no_grad():
         for mb in parts:
             states.append(_rng_state(devices))
-            u, v = _embed(model, mb)
+            u, v = embed(mb)
             us.append(u)
             vs.append(v)
     with torch.no_grad():
@@ -99,6 +105,6 @@ def grad_cache_backward(model: TwoTower, batch: dict[str, torch.Tensor], micro_b
             torch.set_rng_state(cpu_state)
             for d, s in zip(devices, cuda_states):
                 torch.cuda.set_rng_state(s, d)
-            u, v = _embed(model, mb)
+            u, v = embed(mb)
         torch.autograd.backward([u, v], [gu_i, gv_i])
     return {"loss": loss.detach()}

@@ -2,9 +2,10 @@
 
 A checkpoint is a folder ``checkpoints/step-00000500/`` holding
 
-* ``model.safetensors`` - weights and buffers,
+* ``model.safetensors`` - the encoder's weights and buffers (what evaluation and ``load_checkpoint`` read),
+* ``task.safetensors`` - the task's other state (momentum towers, queues), for tasks that have any,
 * ``optimizer.safetensors`` - the optimiser's per-parameter tensors (Adam moments, step counts),
-* ``state.json`` - step, model spec, optimiser hyper-parameters, data position,
+* ``state.json`` - step, model spec, the task and its options, optimiser hyper-parameters, data position,
 * ``tokenizer.json`` - the vocabulary the text tower was trained with.
 
 Writing: the folder is written under a temporary name (``.tmp-step-...-PID``), its files are fsynced, and it is
@@ -39,6 +40,7 @@ from torch import nn
 from counterpoint.errors import CheckpointError
 
 FORMAT = "counterpoint-checkpoint-v1"
+TASK_FILE = "task.safetensors"
 _STEP = re.compile(r"^step-(\d{8,})$")
 _OLD = re.compile(r"^\.old-(step-\d{8,})-\d+$")
 _TMP = re.compile(r"^\.tmp-step-\d{8,}-(\d+)$")
@@ -91,7 +93,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint_state(ckpt_root: Path, step: int, model_state: dict[str, torch.Tensor],
                           optimizer_state: dict[str, Any] | None, tokenizer_json: str | None, extra: dict[str, Any],
-                          keep: int = 2) -> Path:
+                          keep: int = 2, task_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it and keep it plus the ``keep - 1`` newest
     older ones.
 
@@ -109,6 +111,8 @@ def save_checkpoint_state(ckpt_root: Path, step: int, model_state: dict[str, tor
         tmp.mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": FORMAT})
+        if task_state:  # momentum towers, queues: what a resumed run needs beyond the encoder
+            save_file({k: v.detach().cpu().contiguous() for k, v in task_state.items()}, tmp / TASK_FILE)
         meta: dict[str, Any] = {"format": FORMAT, "step": step, **extra}
         if optimizer_state is not None:
             tensors, opt_meta = _optimizer_tensors(optimizer_state)
@@ -253,6 +257,9 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     if total is not None and total < 1:
         raise CheckpointError(f"checkpoint '{ckpt}': state.json total_steps must be >= 1, got {total}")
     _field(meta, "logit_bias", (bool,), ckpt, required=False)
+    objective = _field(meta, "objective", (dict,), ckpt, required=False)
+    if objective is not None and not isinstance(objective.get("name"), str):
+        raise CheckpointError(f"checkpoint '{ckpt}': state.json objective.name must be a task name; it is damaged")
     _field(meta, "data", (dict, type(None)), ckpt, required=False)
     _field(meta, "data_skipped", (dict,), ckpt, required=False)
     _field(meta, "nonfinite_steps", (int,), ckpt, required=False)
@@ -302,6 +309,18 @@ def load_model_weights(ckpt: Path, model: nn.Module) -> None:
     except RuntimeError:
         raise CheckpointError(f"checkpoint '{ckpt}' does not match the model: "
                               f"{_describe_mismatch(model, tensors)}") from None
+
+
+def read_task_state(ckpt: Path, expected: bool) -> dict[str, torch.Tensor]:
+    """The task's state beyond the encoder (``{}`` for tasks without any); ``expected``: the task has some,
+    so a checkpoint without the file cannot be resumed exactly."""
+    file = ckpt / TASK_FILE
+    if not file.is_file():
+        if expected:
+            raise CheckpointError(f"checkpoint '{ckpt}' lacks {TASK_FILE} (the task's momentum towers and queues); "
+                                  f"it cannot be resumed")
+        return {}
+    return _load_tensors(file)
 
 
 def read_optimizer_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:

@@ -28,10 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from counterpoint.errors import UserError
-from counterpoint.models.cnn import BasicBlock
-from counterpoint.models.layers import Block
-from counterpoint.models.two_tower import TwoTower
-from counterpoint.objectives.contrastive import ContrastiveTask
+from counterpoint.objectives.base import Task
 from counterpoint.objectives.grad_cache import grad_cache_backward
 
 # Test hook for the fault-tolerance test: "RANK:STEP:MARKER" makes process RANK exit abruptly when it reaches
@@ -162,19 +159,6 @@ def maybe_inject_fault(step: int, rank: int) -> None:
         os._exit(1)
 
 
-class TaskModule(nn.Module):
-    """The task inside ``forward``, so that DDP and FSDP2 see the forward pass: ``ContrastiveTask`` calls the
-    towers' ``encode_*`` directly, which would bypass ``DDP.forward`` and its gradient synchronisation."""
-
-    def __init__(self, task: ContrastiveTask) -> None:
-        super().__init__()
-        self.model = task.model
-        self.task = task
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        return self.task(batch)
-
-
 def _average_grads(params: list[nn.Parameter], world_size: int) -> None:
     """All-reduce the mean of ``params``' gradients in one flat buffer (one collective, not one per tensor)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -187,22 +171,19 @@ def _average_grads(params: list[nn.Parameter], world_size: int) -> None:
         g.copy_(part.view_as(g))
 
 
-def _shard(root: TaskModule) -> list[nn.Parameter]:
-    """FSDP2 per block, per tower, then the root; returns the parameters left replicated.
+def _shard(task: Task) -> list[nn.Parameter]:
+    """FSDP2 over the task's units (blocks, then towers) and the task itself; returns the parameters left
+    replicated.
 
     ``fully_shard`` cannot shard 0-dim parameters (the logit scale and bias), so they stay plain replicated
     tensors whose gradients the caller averages itself.
     """
     from torch.distributed.fsdp import fully_shard
 
-    model = root.model
-    for m in model.modules():
-        if isinstance(m, (Block, BasicBlock)):
-            fully_shard(m)
-    fully_shard(model.visual)
-    fully_shard(model.text)
-    scalars = [p for p in root.parameters() if p.dim() == 0]
-    fully_shard(root, ignored_params=set(scalars))
+    for unit in task.fsdp_units():
+        fully_shard(unit)
+    scalars = [p for p in task.parameters() if p.dim() == 0]
+    fully_shard(task, ignored_params=set(scalars))
     return scalars
 
 
@@ -213,40 +194,43 @@ def as_float(t: torch.Tensor) -> float:
 
 
 class ParallelTask:
-    """A :class:`ContrastiveTask` over the ranks: plain in one process, DDP (default) or FSDP2.
+    """A :class:`~counterpoint.objectives.base.Task` run over the ranks: plain in one process, DDP (default)
+    or FSDP2. The task is an ``nn.Module`` whose ``forward`` is the whole loss, so DDP and FSDP2 see every
+    forward pass and every parameter and buffer the task owns (momentum towers, queues).
 
     Build it *before* the optimiser (FSDP2 replaces the parameters with sharded ones) and after loading
-    resumed weights into ``task.model`` (every rank loads the same full tensors; FSDP2 then keeps its shard).
+    resumed state into the task (every rank loads the same full tensors; FSDP2 then keeps its shard).
     """
 
-    def __init__(self, task: ContrastiveTask, ctx: DistContext, parallel: str = "ddp") -> None:
+    def __init__(self, task: Task, ctx: DistContext, parallel: str = "ddp") -> None:
         self.ctx = ctx
-        self.model: TwoTower = task.model  # full parameters, or DTensor shards under FSDP2
-        self.task = task
+        self.task = task  # full parameters, or DTensor shards under FSDP2
         self.fsdp = ctx.world_size > 1 and parallel == "fsdp"
         self.replicated: list[nn.Parameter] = []  # parameters whose gradients step() must average itself
-        root = TaskModule(task)
         if ctx.world_size == 1:
-            self.module: nn.Module = root
+            self.module: nn.Module = task
         elif self.fsdp:
-            self.replicated = _shard(root)
-            self.module = root
+            self.replicated = _shard(task)
+            self.module = task
         else:
+            root: nn.Module = task
             if ctx.device.type == "cuda":  # BatchNorm statistics over the global batch (no CPU kernel)
-                root = nn.SyncBatchNorm.convert_sync_batchnorm(root)
+                root = nn.SyncBatchNorm.convert_sync_batchnorm(task)
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(root, device_ids=ids)
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], accum_steps: int,
+    def forward_backward(self, batch: dict[str, torch.Tensor], step: int, accum_steps: int,
                          autocast: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Gradients of this rank's local loss, averaged over ranks into ``.grad``; returns losses and metrics.
+        """Gradients of this rank's local loss at ``step``, averaged over ranks into ``.grad``; returns losses
+        and metrics.
 
         ``accum_steps > 1``: GradCache over that many micro-batches of the local batch (the full negative
-        set is kept, see ``objectives/grad_cache.py``).
+        set is kept, see ``objectives/grad_cache.py``); only for tasks whose loss splits into embeddings and
+        a loss on them (``Task.grad_cache``).
         """
         if accum_steps == 1:
             with autocast:
-                losses, metrics = self.module(batch)
+                losses, metrics = self.module(batch, step)
             sum(losses.values()).backward()
         else:
             losses, metrics = self._grad_cache(batch, accum_steps, autocast)
@@ -256,26 +240,29 @@ class ParallelTask:
 
     def _grad_cache(self, batch: dict[str, torch.Tensor], accum_steps: int,
                     autocast: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        if not self.task.grad_cache:
+            raise UserError(f"train.accum_steps > 1 (GradCache) is not exact for the {type(self.task).__name__} "
+                            f"task; use train.accum_steps=1 (and train.grad_checkpointing=true for memory)")
         if self.fsdp:
             raise UserError("train.accum_steps > 1 works with train.parallel: ddp only (GradCache re-forwards the "
                             "towers outside the FSDP2 root's forward)")
         out: dict[str, Any] = {}
 
         def loss_fn(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out["losses"], out["metrics"] = self.task.features_loss(u, v)
+            out["losses"], out["metrics"] = self.task.features_loss((u, v))
             return sum(out["losses"].values())
 
         no_sync = self.module.no_sync() if self.ctx.world_size > 1 else nullcontext()
         with no_sync, autocast:
-            grad_cache_backward(self.model, batch, accum_steps, loss_fn)
+            grad_cache_backward(self.task, batch, accum_steps, loss_fn, embed=self.task.embed)
         if self.ctx.world_size > 1:  # the re-forwards bypassed DDP.forward, so average here
-            _average_grads(list(self.model.parameters()), self.ctx.world_size)
+            _average_grads(list(self.task.parameters()), self.ctx.world_size)
         return out["losses"], out["metrics"]
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm (across shards under FSDP2) and return it before clipping, as a
         tensor: ``as_float`` it on logging steps only (it synchronises with the device)."""
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.task.parameters(), max_norm)
 
     # ------------------------------------------------------------------------------------------------------
     # Full-state checkpoints in the one-process layout
@@ -285,30 +272,35 @@ class ParallelTask:
 
         return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
 
-    def state_dicts(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Full model and optimiser state dicts, the optimiser's keyed by parameter index as in one process.
+    def state_dicts(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                                     dict[str, Any]]:
+        """Full encoder state, the task's other state (:meth:`Task.extra_state`) and the optimiser state, the
+        optimiser's keyed by parameter index as in one process.
 
         Under FSDP2 this gathers the shards (a collective: every rank must call it) and only rank 0 receives
         the tensors; other ranks get empty dicts.
         """
+        prefix = self.task._encoder_prefix()
         if not self.fsdp:
-            return self.model.state_dict(), optimizer.state_dict()
+            full = self.task.state_dict()
+            encoder = {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}
+            return encoder, self.task.extra_state(), optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         options = self._options(cpu_offload=True)
-        model_sd = get_model_state_dict(self.module, options=options)
+        full = get_model_state_dict(self.module, options=options)
         optim_sd = get_optimizer_state_dict(self.module, optimizer, options=options)
         if not self.ctx.is_main:
-            return {}, {}
-        prefix = "model."  # the root is the TaskModule around the TwoTower
-        model_sd = {k.removeprefix(prefix): v for k, v in model_sd.items()}
+            return {}, {}, {}
+        encoder = {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}
+        extra = {k: v for k, v in full.items() if not k.startswith(prefix)}
         names = [n for g in optim_sd["param_groups"] for n in g["params"]]
         index = {n: i for i, n in enumerate(names)}
         groups, start = [], 0
         for g in optim_sd["param_groups"]:
             groups.append({**g, "params": list(range(start, start + len(g["params"])))})
             start += len(g["params"])
-        return model_sd, {"state": {index[n]: s for n, s in optim_sd["state"].items()}, "param_groups": groups}
+        return encoder, extra, {"state": {index[n]: s for n, s in optim_sd["state"].items()}, "param_groups": groups}
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load a one-process (index-keyed) optimiser state dict; under FSDP2 every rank keeps its shard."""

@@ -1,4 +1,6 @@
-"""Contrastive pretraining loop: data -> task -> backward -> clip -> step, with logging and checkpoints.
+"""The pretraining loop: data -> task -> backward -> clip -> step -> task.after_step, with logging and
+checkpoints. It never knows which method runs: the task (``objectives/base.py``, chosen by ``objective.name``)
+builds the model, computes the losses and updates its own state after each step.
 
 Exact resume: the batch order is a function of (seed, epoch) in memory, or of the loader position saved in
 the checkpoint when streaming shards (``train/batches.py``); per-step augmentation randomness is one of
@@ -23,16 +25,25 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from counterpoint.config import ConfigError, ModelConfig, RunConfig, load_config, save_config, to_dict
+from counterpoint.config import (
+    ConfigError,
+    ModelConfig,
+    ObjectiveConfig,
+    RunConfig,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
 from counterpoint.data.readers import SkipStats, detect_format
 from counterpoint.data.stream_plan import steps_for_samples
 from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.errors import CheckpointError, UserError
 from counterpoint.evaluate.inputs import EvalInputs, check_eval_inputs, resolve_eval_inputs, with_resolved_inputs
 from counterpoint.evaluate.runner import evaluate_model
-from counterpoint.models.presets import ModelSpec, build_model, resolve_spec
+from counterpoint.models.presets import ModelSpec, resolve_spec
 from counterpoint.models.two_tower import TwoTower
-from counterpoint.objectives.contrastive import ContrastiveTask
+from counterpoint.objectives.base import Task, task_class
 from counterpoint.objectives.distributed import world_info
 from counterpoint.report.plots import plot_curves, plot_eval
 from counterpoint.report.run_report import read_metrics, write_report
@@ -75,6 +86,31 @@ def check_architecture(spec: ModelSpec, saved_name: str | None, model: ModelConf
                                   f"evaluated with the model it trained")
 
 
+def build_task(objective: ObjectiveConfig, spec: ModelSpec, tokenizer: Tokenizer) -> Task:
+    """The registered task ``objective.name`` around a fresh model of ``spec``."""
+    return task_class(objective.name).build(objective, spec, tokenizer.pad_id, tokenizer.eot_id)
+
+
+def objective_from_state(meta: dict[str, Any], folder: Path) -> ObjectiveConfig:
+    """The task options a checkpoint was trained with. Checkpoints written before tasks were plug-ins
+    (release 0.1.0) hold no ``objective``: they are CLIP, or SigLIP when they saved a logit bias."""
+    saved = meta.get("objective") or {"name": "siglip" if meta.get("logit_bias") else "clip"}
+    try:
+        return from_dict(task_class(saved["name"]).Config, saved, prefix="objective.")
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint '{folder}': state.json {exc}; it is damaged or from another "
+                              f"version") from None
+
+
+def load_task_state(task: Task, folder: Path) -> None:
+    """The task's state beyond the encoder (momentum towers, queues) from checkpoint ``folder``."""
+    tensors = ckpt.read_task_state(folder, expected=bool(task.extra_state()))
+    try:
+        task.load_extra_state(tensors)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint '{folder}': {exc}") from None
+
+
 def load_tokenizer(folder: Path, spec: ModelSpec) -> Tokenizer:
     """The checkpoint's tokenizer, refused if it can produce ids the text tower has no embedding for."""
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json", spec.context_length)
@@ -97,8 +133,7 @@ def load_run_model(path: str | Path, device: str | torch.device = "cpu",
     if expect is not None:
         check_architecture(spec, meta.get("model_name"), expect, folder)
     tokenizer = load_tokenizer(folder, spec)
-    bias = 0.0 if meta.get("logit_bias") else None  # the value comes from the weights
-    model = build_model(spec, init_logit_bias=bias, pad_id=tokenizer.pad_id, eot_id=tokenizer.eot_id)
+    model = build_task(objective_from_state(meta, folder), spec, tokenizer).encoder()
     ckpt.load_model_weights(folder, model)
     return model.to(device).eval(), tokenizer, meta
 
@@ -280,16 +315,15 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
         spec = dataclasses.replace(spec, vocab_size=tokenizer.vocab_size)
     data.set_tokenizer(tokenizer)
 
-    bias = cfg.objective.init_logit_bias if cfg.objective.name == "siglip" else None
-    model = build_model(spec, cfg.objective.init_temperature, bias, pad_id=tokenizer.pad_id,
-                        eot_id=tokenizer.eot_id).to(device)
+    task = build_task(cfg.objective, spec, tokenizer).to(device)
+    model = task.encoder()
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if meta:  # full weights on every rank, before DDP/FSDP2 take over the parameters
         ckpt.load_model_weights(resume_from, model)
-    task = ContrastiveTask(model, cfg.objective.name, cfg.objective.margin, cfg.objective.chunk_size)
+        load_task_state(task, resume_from)
     par = ParallelTask(task, ctx, cfg.train.parallel)
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps)
+    optimizer = build_optimizer(task, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps)
     start_step = meta["step"] if meta else 0
     nonfinite_steps = meta.get("nonfinite_steps", 0) if meta else 0
     if meta:
@@ -316,16 +350,17 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     if ctx.is_main and not meta:
         _warn_about_cadence(cfg, total_steps)
     extra = {"model_spec": dataclasses.asdict(spec), "model_name": cfg.model.name, "total_steps": total_steps,
-             "logit_bias": model.logit_bias is not None}
+             "objective": to_dict(cfg.objective), "logit_bias": getattr(model, "logit_bias", None) is not None}
 
     def save(step: int) -> Path:
-        model_sd, optim_sd = par.state_dicts(optimizer)  # a collective under FSDP2
+        model_sd, task_sd, optim_sd = par.state_dicts(optimizer)  # a collective under FSDP2
         skipped = data_info(data, ctx)["skipped"]  # a collective for a streamed run
         folder = run_dir / "checkpoints" / f"step-{step:08d}"
         if ctx.is_main:
             ckpt.save_checkpoint_state(run_dir / "checkpoints", step, model_sd, optim_sd, tokenizer.hf.to_str(),
                                        {**extra, "data": data.state_dict(), "data_skipped": skipped,
-                                        "nonfinite_steps": nonfinite_steps}, cfg.train.keep_checkpoints)
+                                        "nonfinite_steps": nonfinite_steps}, cfg.train.keep_checkpoints,
+                                       task_state=task_sd)
         return folder
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
@@ -346,14 +381,14 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
-                losses, metrics = par.forward_backward(batch, cfg.train.accum_steps, autocast)
+                losses, metrics = par.forward_backward(batch, step, cfg.train.accum_steps, autocast)
                 grad_norm = par.clip_grad_norm(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
                 # one check per step, agreed by all ranks: a non-finite value anywhere, a stop signal anywhere
                 nonfinite, stopping = ctx.any_rank(not _is_finite(losses, grad_norm), stop.requested)
                 finite = not nonfinite
                 if finite:
                     optimizer.step()
-                    model.clamp_logit_scale(cfg.objective.max_logit_scale)
+                    task.after_step(step)
                 else:
                     nonfinite_steps += 1
                 bar.update(bs)

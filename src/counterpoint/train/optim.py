@@ -16,7 +16,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or name.startswith("logit_") or "pos_embed" in name or "cls_token" in name:
+        leaf = name.rsplit(".", 1)[-1]  # the same for a model and for a task holding it ("model.logit_scale")
+        if p.dim() < 2 or leaf.startswith("logit_") or "pos_embed" in name or "cls_token" in name:
             no_decay.append(p)
         else:
             decay.append(p)
