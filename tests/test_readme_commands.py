@@ -130,9 +130,6 @@ SHRINK: dict[str, Shrink] = {
         "main", TRAIN, writes=("runs/clip-world/eval.json", "runs/clip-world/report.md")),
     "counterpoint train configs/clip_world.yaml train.epochs=1 model.name=tiny-vit out_dir=runs/vit": Shrink(
         "main", TRAIN + NO_PROBE, writes=("runs/vit/eval.json",)),
-    # The help's variant has no out_dir: after the Quick start runs/clip-world already holds a run.
-    "counterpoint train configs/clip_world.yaml train.epochs=1 model.name=tiny-vit": Shrink(
-        "main", TRAIN + NO_PROBE + ("out_dir=runs/vit-help",), writes=("runs/vit-help/eval.json",)),
     # Resume continues the Quick start's run to step 4: the same settings but train.max_steps.
     "counterpoint train configs/clip_world.yaml --resume": Shrink(
         "main", QUICK + ("train.max_steps=4",), writes=("runs/clip-world/checkpoints/step-00000004/state.json",)),
@@ -151,10 +148,12 @@ SHRINK: dict[str, Shrink] = {
     "counterpoint data av-features /data/CREMA-D --out data/cremad --audio-dir AudioWAV --visual-dir Image-01-FPS":
         Shrink("balance", _o("--quiet"), replace=(("/data/CREMA-D", CREMA_D),), writes=("data/cremad.safetensors",)),
     "counterpoint balance train configs/balance_shortcut.yaml data.benchmark=file "
-    "data.path=data/shortcut.safetensors": Shrink("balance", BAL, writes=("runs/balance-shortcut/eval.json",)),
-    "counterpoint balance train configs/balance_av.yaml data.benchmark=file data.path=data/cremad.safetensors":
-        Shrink("balance", _o("train.epochs=1 train.batch_size=4 train.progress=false train.precise_bn_batches=1 "
-                             "out_dir=runs/balance-cremad"), writes=("runs/balance-cremad/eval.json",)),
+    "data.path=data/shortcut.safetensors out_dir=runs/shortcut-file": Shrink(
+        "balance", BAL, writes=("runs/shortcut-file/eval.json",)),
+    "counterpoint balance train configs/balance_av.yaml data.benchmark=file data.path=data/cremad.safetensors "
+    "out_dir=runs/cremad": Shrink(
+        "balance", _o("train.epochs=1 train.batch_size=4 train.progress=false train.precise_bn_batches=1"),
+        writes=("runs/cremad/eval.json",)),
     "counterpoint balance train configs/balance_av.yaml method.name=uniform": Shrink(
         "balance", AV_WORLD + BAL, writes=("runs/balance-av/report.md",)),
     "counterpoint balance compare configs/balance_av.yaml": Shrink(

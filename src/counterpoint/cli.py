@@ -37,7 +37,7 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
 EXAMPLES = """examples:
   counterpoint data make world --out data/world
   counterpoint train configs/clip_world.yaml
-  counterpoint train configs/clip_world.yaml train.epochs=1 model.name=tiny-vit
+  counterpoint train configs/clip_world.yaml train.epochs=1 model.name=tiny-vit out_dir=runs/vit
   counterpoint train configs/clip_world.yaml --resume
   counterpoint eval runs/clip-world
   counterpoint eval runs/clip-world data.test=data/world/test --out runs/clip-world/evals/test

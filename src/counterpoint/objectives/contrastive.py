@@ -113,6 +113,8 @@ class ContrastiveTask(Task):
             raise ValueError("siglip needs a model built with a logit bias (init_logit_bias=-10)")
         self.model = model
         self.loss, self.margin, self.chunk_size, self.max_logit_scale = loss, margin, chunk_size, max_logit_scale
+        if loss == "margin":  # distances of unit vectors have no temperature: a parameter no loss would reach
+            model.logit_scale.requires_grad_(False)
 
     @classmethod
     def build(cls, cfg: ContrastiveConfig, spec: ModelSpec, pad_id: int, eot_id: int) -> ContrastiveTask:

@@ -180,6 +180,10 @@ def _shard(task: Task) -> list[nn.Parameter]:
     """
     from torch.distributed.fsdp import fully_shard
 
+    with torch.no_grad():  # FSDP2 shards dense parameters only: channels-last conv kernels go back to NCHW
+        for p in task.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
     for unit in task.fsdp_units():
         fully_shard(unit)
     scalars = [p for p in task.parameters() if p.dim() == 0]

@@ -445,8 +445,8 @@ def _warn_about_cadence(cfg: RunConfig, total_steps: int) -> None:
         print(f"counterpoint: warning: train.warmup_steps={t.warmup_steps} is {t.warmup_steps / total_steps:.0%} of "
               f"this run's {total_steps} steps; a warmup of ~5% would be train.warmup_steps="
               f"{max(1, total_steps // 20)}", file=sys.stderr)
-    if total_steps / t.log_every < 10:
-        better = max(1, total_steps // 50)
+    better = max(1, total_steps // 50)
+    if total_steps / t.log_every < 10 and t.log_every > better:
         print(f"counterpoint: warning: train.log_every={t.log_every} logs {total_steps // t.log_every} row(s) of "
               f"this run's {total_steps} steps; train.log_every={better} would give {total_steps // better}",
               file=sys.stderr)
