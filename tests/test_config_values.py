@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from counterpoint.cli import main
-from counterpoint.config import ConfigError, RunConfig, from_dict, load_config
+from counterpoint.config import ConfigError, ObjectiveConfig, RunConfig, from_dict, load_config
 from counterpoint.errors import UserError
 from counterpoint.models.presets import MODEL_PRESETS, ModelSpec
 from counterpoint.train.balance_config import load_balance_config
@@ -35,6 +35,8 @@ def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, set[type]]]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if tp is ObjectiveConfig:  # the section's fields are the task's: those of the default task (clip)
+            tp = type(RunConfig().objective)
         if dataclasses.is_dataclass(tp):
             out += _leaf_fields(tp, f"{prefix}{f.name}.")
             continue
