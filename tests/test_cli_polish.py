@@ -150,3 +150,17 @@ def test_a_warmup_longer_than_the_run_is_warned_about(small_world: Path, tmp_pat
     err = capsys.readouterr().err
     assert "warning: train.warmup_steps=100 is 417% of this run's 24 steps" in err
     assert "warning: train.log_every=20 logs 1 row(s)" in err
+
+
+@pytest.mark.slow
+def test_eval_with_other_settings_keeps_the_training_time_results(small_world: Path, tmp_path: Path) -> None:
+    """``counterpoint eval RUN data.test=...`` writes to RUN/evals/<overrides>/ (or --out), never over the run's
+    own eval.json and report.md."""
+    run = train(_cfg(small_world, tmp_path / "run", max_steps=1))
+    before = {name: (run / name).read_bytes() for name in ("eval.json", "report.md")}
+    assert main(["eval", str(run), f"data.test={small_world / 'test'}", "eval.retrieval=true"]) == 0
+    assert {name: (run / name).read_bytes() for name in before} == before
+    (out,) = (run / "evals").iterdir()
+    assert json.loads((out / "eval.json").read_text())["retrieval"]["n"] == 128
+    assert main(["eval", str(run), "eval.retrieval=true", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "report.md").is_file()

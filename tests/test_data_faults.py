@@ -221,6 +221,7 @@ def test_streamed_run_passes_over_empty_batches(tmp_path: Path) -> None:
     assert reported == {k: v for k, v in info["skipped"].items() if k != "seen"}
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    assert f"| train data | streamed from {folder} |" in (run / "report.md").read_text()  # not data.train
 
 
 @pytest.mark.slow

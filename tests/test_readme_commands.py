@@ -142,6 +142,8 @@ SHRINK: dict[str, Shrink] = {
     "counterpoint eval runs/clip-world data.test=data/world/test --out runs/clip-world/evals/test": Shrink(
         "main", writes=("runs/clip-world/evals/test/eval.json",)),
     "counterpoint config show configs/clip_world.yaml train.lr=1e-3": Shrink("main"),
+    'counterpoint imagine runs/clip-world "a red star" "a large blue circle at the top left" --out imagined': Shrink(
+        "main", _o("--steps 3 --quiet"), writes=("imagined/grid.png",)),
     # Data for balanced multimodal learning, and balance runs
     "counterpoint data make shortcut --out data/shortcut [--shortcut 1.0] [--noise 0] [--train 6000] [--seed 0]":
         Shrink("balance", _o("--train 48 --val 16 --test 16"), writes=("data/shortcut.safetensors",)),

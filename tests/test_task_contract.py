@@ -33,7 +33,7 @@ from tests.test_train_distributed import torchrun
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS = 4
 # Options a task needs to train at the contract's small sizes (e.g. a queue that fits the tiny world).
-TASK_OPTIONS: dict[str, dict[str, object]] = {"siglip": {"init_temperature": 0.1}}
+TASK_OPTIONS: dict[str, dict[str, object]] = {"siglip": {"init_temperature": 0.1}, "brivl": {"queue_size": 64}}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def reference(request: pytest.FixtureRequest, world: Path, tmp_path_factory: pyt
 def test_every_builtin_task_is_registered() -> None:
     """The contract runs over these; a task that is not registered would escape it."""
     task_class("clip")
-    assert {"clip", "siglip", "margin"} <= set(TASKS)
+    assert {"clip", "siglip", "margin", "brivl"} <= set(TASKS)
 
 
 def test_trains_and_logs_every_step(reference) -> None:

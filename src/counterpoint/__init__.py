@@ -7,6 +7,7 @@ Public API::
     tokenizer = counterpoint.get_tokenizer("runs/clip-world")
     u = counterpoint.encode_image(model, images_uint8)        # [N, D] unit vectors
     v = counterpoint.encode_text(model, tokenizer, ["a red circle."])
+    pictures, cosine = counterpoint.imagine(model, tokenizer, ["a red star"])   # [1, 3, S, S] uint8
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from counterpoint.models import MODEL_PRESETS, TwoTower, create_model
 
 __version__ = "0.1.0"
 __all__ = ["MODEL_PRESETS", "Tokenizer", "TwoTower", "create_model", "encode_image", "encode_text",
-           "get_tokenizer", "load_checkpoint"]
+           "get_tokenizer", "imagine", "load_checkpoint"]
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[TwoTower, Tokenizer]:
@@ -54,3 +55,14 @@ def encode_text(model: TwoTower, tokenizer: Tokenizer, texts: str | list[str]) -
     """Texts -> ``[N, D]`` unit embeddings."""
     device = next(model.parameters()).device
     return model.encode_text(tokenizer(texts).to(device))
+
+
+def imagine(model: TwoTower, tokenizer: Tokenizer, texts: str | list[str], steps: int = 500, seed: int = 0,
+            **options: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pictures of what ``texts`` mean to ``model`` (BriVL's imagination; ``counterpoint.visualize.imagine``):
+    ``([N, 3, S, S]`` uint8 images, the final cosine of each with its text). Deterministic from ``seed``."""
+    from counterpoint.visualize.imagine import imagine as run
+    from counterpoint.visualize.imagine import text_targets
+
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    return run(model, text_targets(model, tokenizer, texts), steps=steps, seed=seed, **options)

@@ -42,6 +42,7 @@ EXAMPLES = """examples:
   counterpoint eval runs/clip-world
   counterpoint eval runs/clip-world data.test=data/world/test --out runs/clip-world/evals/test
   counterpoint config show configs/clip_world.yaml train.lr=1e-3
+  counterpoint imagine runs/clip-world "a red star" "a large blue circle at the top left" --out imagined
   counterpoint balance train configs/balance_av.yaml method.name=uniform
   counterpoint balance compare configs/balance_av.yaml
   counterpoint launch --nproc-per-node 2 -- train configs/clip_world.yaml
@@ -151,6 +152,43 @@ def _slug(overrides: list[str]) -> str:
     """A folder name for an evaluation with ``overrides`` (``data.test=a/b.csv`` -> ``data.test=a_b.csv``)."""
     text = "_".join(overrides)
     return "".join(c if c.isalnum() or c in "._=-," else "_" for c in text)[:120]
+
+
+def _cmd_imagine(args: argparse.Namespace) -> int:
+    """Pictures of what texts, directions between texts, or embedding units mean to a trained model."""
+    import torch
+
+    from counterpoint.train.loop import load_run_model
+    from counterpoint.visualize.grid import save_pictures
+    from counterpoint.visualize.imagine import imagine, text_targets
+
+    if not (args.texts or args.direction or args.unit):
+        raise UserError("imagine: give texts to imagine, --direction A B, or --unit K")
+    model, tokenizer, _ = load_run_model(args.run_dir)
+    targets, labels = [], []
+    if not hasattr(model, "encode_text") and (args.texts or args.direction):
+        raise UserError(f"imagine: the model of '{args.run_dir}' has no text tower; use --unit K")
+    if args.texts:
+        targets.append(text_targets(model, tokenizer, args.texts))
+        labels += args.texts
+    for a, b in args.direction or []:
+        emb = text_targets(model, tokenizer, [a, b])
+        targets.append((emb[0] - emb[1]).unsqueeze(0))
+        labels.append(f"{a} minus {b}")
+    dim = targets[0].shape[1] if targets else int(model.encode_image(
+        torch.zeros(1, 3, model.image_size, model.image_size)).shape[1])
+    for k in args.unit or []:
+        if not 0 <= k < dim:
+            raise UserError(f"imagine: --unit {k} is outside the {dim}-dimensional embedding")
+        targets.append(torch.nn.functional.one_hot(torch.tensor([k]), dim).float())
+        labels.append(f"unit {k}")
+    images, cosine = imagine(model, torch.cat(targets), steps=args.steps, lr=args.lr, copies=args.copies,
+                             seed=args.seed, fourier=not args.pixels, progress=not args.quiet)
+    paths = save_pictures(images, labels, args.out, title=f"imagined by {args.run_dir}")
+    for label, c in zip(labels, cosine):
+        print(f"  cos {float(c):.3f}  {label}")
+    print(f"wrote {len(paths) - 1} pictures and {paths[-1]}")
+    return 0
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -292,6 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="folder for eval.json and report.md (default: the run directory without "
                     "overrides, RUN_DIR/evals/<overrides> with them, so the training-time results stay)")
     ev.set_defaults(func=_cmd_eval)
+
+    im = sub.add_parser("imagine", help="pictures of what texts mean to a trained model (BriVL's imagination)")
+    im.add_argument("run_dir", help="the out_dir of a training run")
+    im.add_argument("texts", nargs="*", help="texts to imagine, e.g. \"a red star\"")
+    im.add_argument("--out", required=True, help="folder for one PNG per picture and grid.png")
+    im.add_argument("--direction", nargs=2, action="append", metavar=("A", "B"),
+                    help="imagine the direction text A minus text B (repeatable)")
+    im.add_argument("--unit", type=int, action="append", help="imagine one embedding unit (repeatable)")
+    im.add_argument("--steps", type=int, default=500, help="optimisation steps")
+    im.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
+    im.add_argument("--copies", type=int, default=4, help="randomly transformed copies scored per step")
+    im.add_argument("--seed", type=int, default=0, help="the pictures follow from it")
+    im.add_argument("--pixels", action="store_true", help="plain pixel parameterisation (the ablation)")
+    im.add_argument("--quiet", action="store_true", help="no progress bar")
+    im.set_defaults(func=_cmd_imagine)
 
     conf = sub.add_parser("config", help="inspect recipes")
     conf_sub = conf.add_subparsers(dest="config_command", required=True)

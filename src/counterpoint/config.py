@@ -159,6 +159,8 @@ class EvalConfig:
     recall_at: tuple[int, ...] = (1, 5, 10)  # the K of Recall@K
     batch_size: int = 512  # images or texts embedded at once
     max_retrieval_samples: int | None = None  # use at most this many test pairs (null: all)
+    imagine: int = 8  # class prompts imagined for the report's picture grid (0: none)
+    imagine_steps: int = 300  # optimisation steps per imagined picture
 
 
 @dataclass
@@ -193,6 +195,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         (cfg.eval.max_retrieval_samples is None or cfg.eval.max_retrieval_samples >= 2,
          "eval.max_retrieval_samples must be >= 2"),
         (len(cfg.eval.recall_at) >= 1, "eval.recall_at must list at least one K"),
+        (0 <= cfg.eval.imagine <= 64, "eval.imagine must be in [0, 64]"),
+        (cfg.eval.imagine_steps >= 1, "eval.imagine_steps must be >= 1"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (contrastive losses need negatives)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),

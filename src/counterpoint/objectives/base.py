@@ -51,6 +51,11 @@ class Task(nn.Module):
         the metrics (floats) logged. Cross-rank terms are the task's own business (gather with gradients)."""
         raise NotImplementedError
 
+    @classmethod
+    def check_run(cls, cfg: ObjectiveConfig, global_batch: int) -> None:
+        """Refuse (``ConfigError``, before anything runs) options that do not fit the run, e.g. a queue that is
+        not a multiple of the global batch."""
+
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Runs after every optimizer step (clamps, momentum updates, enqueueing)."""

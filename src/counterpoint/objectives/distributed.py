@@ -58,3 +58,14 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if world == 1:
         return x, 0
     return _AllGatherWithGrad.apply(x), rank * x.shape[0]
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``x`` stacked along dim 0 in rank order, without gradients (e.g. momentum keys to enqueue);
+    ``x`` itself outside a process group."""
+    _, world = world_info()
+    if world == 1:
+        return x
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    _all_gather_single(out, x.contiguous())
+    return out

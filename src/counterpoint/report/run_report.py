@@ -63,6 +63,12 @@ def write_report(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any
         lines += ["## Linear probe", "",
                   f"Test top-1 {lp['top1']:.4f} (validation {lp['val_top1']:.4f}, l2 = {lp['l2']:g}, "
                   f"{lp['n_train']} train / {lp['n_test']} test images).", ""]
+    imagined = result.get("imagine", {})
+    if imagined.get("grid"):
+        lines += ["## Imagination", "", "Images optimised so that the model's image embedding matches each class "
+                  "prompt (Fourier parameterisation, random transforms; `counterpoint imagine` makes more). Final "
+                  "cosine to the prompt: " + ", ".join(f"{c:.2f}" for c in imagined["cosine"]) + ".", "",
+                  f"![imagined class prompts]({imagined['grid']})", ""]
     skipped = result.get("data", {}).get("skipped", {})
     lines += ["## Data", "", "Samples that could not be used, each counted once; a streamed run meets a damaged "
               "sample again every epoch (`times met`).", "",

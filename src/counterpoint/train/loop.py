@@ -39,7 +39,13 @@ from counterpoint.data.readers import SkipStats, detect_format
 from counterpoint.data.stream_plan import steps_for_samples
 from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.errors import CheckpointError, UserError
-from counterpoint.evaluate.inputs import EvalInputs, check_eval_inputs, resolve_eval_inputs, with_resolved_inputs
+from counterpoint.evaluate.inputs import (
+    EvalInputs,
+    check_eval_inputs,
+    load_classes,
+    resolve_eval_inputs,
+    with_resolved_inputs,
+)
 from counterpoint.evaluate.runner import evaluate_model
 from counterpoint.models.presets import ModelSpec, resolve_spec
 from counterpoint.models.two_tower import TwoTower
@@ -179,6 +185,11 @@ def check_data_paths(cfg: RunConfig) -> EvalInputs:
     evaluation input is missing or unusable; returns the evaluation inputs (``auto`` resolved)."""
     resolve_spec(cfg.model.name, embed_dim=cfg.model.embed_dim, image_size=cfg.model.image_size,
                  context_length=cfg.model.context_length, vocab_size=cfg.model.vocab_size)
+    task = task_class(cfg.objective.name)
+    task.check_run(cfg.objective, cfg.train.batch_size)
+    if cfg.train.accum_steps > 1 and not task.grad_cache:
+        raise UserError(f"train.accum_steps > 1 (GradCache) is not exact for objective.name={cfg.objective.name}; "
+                        f"use train.accum_steps=1 (and train.grad_checkpointing=true for memory)")
     if not cfg.data.stream.sources:
         detect_format(cfg.data.train)
     inputs = resolve_eval_inputs(cfg)
@@ -497,6 +508,8 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
         result["run"] = str(run_dir)
         save_config(cfg, out_dir / "config.yaml")
     plot_eval(result, out_dir)
+    if cfg.eval.imagine > 0:
+        imagine_class_prompts(model, tokenizer, cfg, out_dir, result)
     stream = cfg.data.stream.sources
     train_data = ("streamed from " + ", ".join(str(src.shards) for src in stream)) if stream else cfg.data.train
     summary = {"model": model_name, "steps": step, "train data": train_data,
@@ -505,6 +518,30 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
         summary = {"evaluation of": str(run_dir), **summary}
     write_report(out_dir, result, rows, summary)
     return result
+
+
+def imagine_class_prompts(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, out_dir: Path,
+                          result: dict[str, Any]) -> None:
+    """``imagine/grid.png``: what ``cfg.eval.imagine`` class prompts of the run's label set (spread over it, the
+    held-out combinations first) mean to the model; recorded in ``result["imagine"]``."""
+    from counterpoint.visualize.grid import save_pictures
+    from counterpoint.visualize.imagine import imagine, text_targets
+
+    inputs = resolve_eval_inputs(cfg)
+    if not inputs.classes or not hasattr(model, "encode_text"):
+        result["imagine"] = {"skipped": "no class file to take prompts from" if not inputs.classes else
+                             "the model has no text tower"}
+        return
+    classes, templates, heldout = load_classes(inputs.classes)
+    ordered = [c for c in classes if c in heldout] + [c for c in classes if c not in heldout]
+    picked = ordered[:: max(1, len(ordered) // cfg.eval.imagine)][: cfg.eval.imagine]
+    prompts = [templates[0].format(c=c) for c in picked]
+    targets = text_targets(model, tokenizer, prompts)
+    images, cosine = imagine(model, targets, steps=cfg.eval.imagine_steps, seed=cfg.seed,
+                             progress=cfg.train.progress, desc="imagining")
+    save_pictures(images, prompts, out_dir / "imagine", title="what the model imagines for these prompts")
+    result["imagine"] = {"prompts": prompts, "cosine": [round(float(c), 4) for c in cosine],
+                         "steps": cfg.eval.imagine_steps, "grid": "imagine/grid.png"}
 
 
 def read_data_info(path: Path) -> dict[str, Any] | None:
