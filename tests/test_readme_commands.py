@@ -111,15 +111,17 @@ def _o(text: str) -> tuple[str, ...]:
 
 # A world of 256 training pairs; two steps of batch 32 on one thread.
 WORLD = _o("--train 256 --test 32 --zeroshot 64 --quiet")
-TRAIN = _o("train.max_steps=2 train.batch_size=32 train.threads=1 train.progress=false eval.max_retrieval_samples=32")
-QUICK = _o("train.batch_size=32 train.threads=1 train.progress=false eval.max_retrieval_samples=32")
+TRAIN = _o("train.max_steps=2 train.batch_size=32 train.threads=1 train.progress=false eval.max_retrieval_samples=32 "
+           "eval.imagine=2 eval.imagine_steps=3")
+QUICK = _o("train.batch_size=32 train.threads=1 train.progress=false eval.max_retrieval_samples=32 "
+           "eval.imagine=2 eval.imagine_steps=3")
 NO_PROBE = _o("eval.linear_probe=false")
 # Balance: a few dozen samples, one epoch; the Shapley evaluation stays on (it is cheap at this size).
 BAL = _o("train.epochs=1 train.batch_size=16 train.progress=false train.precise_bn_batches=1")
 AV_WORLD = _o("data.av_world.train=32 data.av_world.val=16 data.av_world.test=16")
 # Several processes: one step, no evaluation (the distributed evaluation has its own tests).
 DIST = _o("train.max_steps=1 train.batch_size=32 train.threads=1 train.device=cpu train.progress=false "
-          "eval.zeroshot=false eval.retrieval=false eval.linear_probe=false")
+          "eval.zeroshot=false eval.retrieval=false eval.linear_probe=false eval.imagine=0")
 CREMA_D = "CREMA-D"  # the fake audio-visual layout, in the working directory
 
 # In the order they run.
@@ -137,6 +139,8 @@ SHRINK: dict[str, Shrink] = {
     "counterpoint data make world --out data/weak --captions weak --mismatch 0.2 --audio --stories 1000": Shrink(
         "main", _o("--train 64 --test 32 --zeroshot 32"), replace=(("1000", "4"),),
         writes=("data/weak/world.json",)),
+    "counterpoint train configs/brivl_weak.yaml": Shrink(
+        "main", TRAIN + ("objective.queue_size=64",), writes=("runs/brivl-weak/eval.json",)),
     "counterpoint eval runs/clip-world data.test=data/weak/test": Shrink(
         "main", writes=("runs/clip-world/evals/data.test=data_weak_test/eval.json",)),
     "counterpoint eval runs/clip-world data.test=data/world/test --out runs/clip-world/evals/test": Shrink(
