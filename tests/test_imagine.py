@@ -3,6 +3,7 @@ image's embedding turns towards the target), deterministically; the report's gri
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,8 @@ def test_report_shows_imagined_class_prompts(small_world: Path, tmp_path: Path) 
     assert (run / "imagine" / "grid.png").is_file()
     report = (run / "report.md").read_text()
     assert "## Imagination" in report and "imagine/grid.png" in report
+    imagined = json.loads((run / "eval.json").read_text())["imagine"]
+    assert len(imagined["prompts"]) == len(imagined["cosine"]) == 2 and imagined["grid"] == "imagine/grid.png"
     model, tokenizer = counterpoint.load_checkpoint(run)
     pictures, cosine = counterpoint.imagine(model, tokenizer, "a red star", steps=2)
     assert pictures.shape == (1, 3, 32, 32) and cosine.shape == (1,)

@@ -500,6 +500,8 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
         result["data"]["skipped"]["train"] = SkipStats.from_dict(train_info["skipped"]).as_dict()
     result.update(step=step, model=model_name, eval_seconds=round(time.perf_counter() - t0, 2))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.eval.imagine > 0:
+        imagine_class_prompts(model, tokenizer, cfg, out_dir, result)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     rows = read_metrics(run_dir / "metrics.jsonl")
     if out_dir == run_dir:
@@ -508,8 +510,6 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
         result["run"] = str(run_dir)
         save_config(cfg, out_dir / "config.yaml")
     plot_eval(result, out_dir)
-    if cfg.eval.imagine > 0:
-        imagine_class_prompts(model, tokenizer, cfg, out_dir, result)
     stream = cfg.data.stream.sources
     train_data = ("streamed from " + ", ".join(str(src.shards) for src in stream)) if stream else cfg.data.train
     summary = {"model": model_name, "steps": step, "train data": train_data,
@@ -536,12 +536,14 @@ def imagine_class_prompts(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig,
     ordered = [c for c in classes if c in heldout] + [c for c in classes if c not in heldout]
     picked = ordered[:: max(1, len(ordered) // cfg.eval.imagine)][: cfg.eval.imagine]
     prompts = [templates[0].format(c=c) for c in picked]
+    t0 = time.perf_counter()
     targets = text_targets(model, tokenizer, prompts)
     images, cosine = imagine(model, targets, steps=cfg.eval.imagine_steps, seed=cfg.seed,
                              progress=cfg.train.progress, desc="imagining")
     save_pictures(images, prompts, out_dir / "imagine", title="what the model imagines for these prompts")
     result["imagine"] = {"prompts": prompts, "cosine": [round(float(c), 4) for c in cosine],
-                         "steps": cfg.eval.imagine_steps, "grid": "imagine/grid.png"}
+                         "steps": cfg.eval.imagine_steps, "grid": "imagine/grid.png",
+                         "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def read_data_info(path: Path) -> dict[str, Any] | None:
