@@ -130,3 +130,25 @@ def test_grad_cache_is_refused_with_one_line(small_world: Path, tmp_path: Path) 
     cfg.objective = BriVLConfig(queue_size=128)
     with pytest.raises(UserError, match="GradCache"):
         train(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_fsdp_shards_both_tower_copies_and_matches_one_process(tmp_path: Path) -> None:
+    """Under FSDP2 (2 processes) the query and momentum towers are sharded, the EMA runs on the shards and the
+    queues stay replicated: losses, weights and queues match one process to 1e-5."""
+    from counterpoint.data.make_world import make_world
+    from counterpoint.data.world import WorldConfig
+    from tests.test_task_contract import _config, _losses, _state
+    from tests.test_train_distributed import torchrun
+
+    world = tmp_path / "world"
+    make_world(world, WorldConfig(seed=4), "wds", train=128, test=32, zeroshot=64, progress=False)
+    one = train(_config(world, tmp_path / "one", "brivl"))
+    torchrun(_config(world, tmp_path / "fsdp", "brivl", parallel="fsdp"), tmp_path)
+    for (s1, x), (s2, y) in zip(_losses(one), _losses(tmp_path / "fsdp"), strict=True):
+        assert s1 == s2 and abs(x - y) <= 1e-5, (s1, x, y)
+    a, b = _state(one), _state(tmp_path / "fsdp")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
