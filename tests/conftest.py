@@ -20,9 +20,12 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def tiny_config(world: Path, out_dir: Path, **train: object) -> RunConfig:
-    """A few-second CPU run on ``world``."""
-    return from_dict(RunConfig, {
+NO_EVAL = {"zeroshot": False, "retrieval": False, "linear_probe": False}
+
+
+def tiny_config(world: Path, out_dir: Path, evaluate: bool = True, **train: object) -> RunConfig:
+    """A few-second CPU run on ``world``; ``evaluate=False`` turns the final evaluation off."""
+    cfg = from_dict(RunConfig, {
         "out_dir": str(out_dir),
         "seed": 3,
         "model": {"name": "tiny-cnn", "embed_dim": 32},
@@ -32,6 +35,35 @@ def tiny_config(world: Path, out_dir: Path, **train: object) -> RunConfig:
                   "checkpoint_every": 1000, "progress": False, **train},
         "eval": {"batch_size": 128, "imagine": 0},  # the report's imagination grid has its own tests
     })
+    if not evaluate:
+        for k, v in NO_EVAL.items():
+            setattr(cfg.eval, k, v)
+    return cfg
+
+
+def one_line_error(err: str, *needles: str) -> str:
+    """Asserts ``err`` (stderr) is exactly one ``counterpoint: error:`` line holding ``needles``, no traceback."""
+    err = err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("counterpoint: error:"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def steps_trained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the step of every training iteration (the loop asks ``lr_at`` once per step)."""
+    from counterpoint.train import loop
+
+    seen: list[int] = []
+    real = loop.lr_at
+
+    def spy(step: int, *args: object) -> float:
+        seen.append(step)
+        return real(step, *args)
+
+    monkeypatch.setattr(loop, "lr_at", spy)
+    return seen
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,13 @@ from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.errors import CheckpointError
 from counterpoint.models.presets import create_model
 from counterpoint.train import checkpoint as ckpt
-from counterpoint.train import loop
 from counterpoint.train.loop import train
-from tests.conftest import tiny_config
-
-NO_EVAL = {"zeroshot": False, "retrieval": False, "linear_probe": False}
+from tests.conftest import one_line_error, steps_trained, tiny_config
 
 
 def _cfg(world: Path, out: Path, **train_kw: object):
-    cfg = tiny_config(world, out, **{"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2, **train_kw})
-    for k, v in NO_EVAL.items():
-        setattr(cfg.eval, k, v)
-    return cfg
+    return tiny_config(world, out, evaluate=False,
+                       **{"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2, **train_kw})
 
 
 @pytest.fixture(scope="module")
@@ -55,26 +50,11 @@ def _config_file(world: Path, run: Path, tmp_path: Path, **train_kw: object) -> 
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, rc: int, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err
     assert rc == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("counterpoint: error:"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    return err
+    return one_line_error(err, *needles)
 
 
-def _steps_trained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records the step of every training iteration (the loop asks ``lr_at`` once per step)."""
-    seen: list[int] = []
-    real = loop.lr_at
-
-    def spy(step: int, *args: object) -> float:
-        seen.append(step)
-        return real(step, *args)
-
-    monkeypatch.setattr(loop, "lr_at", spy)
-    return seen
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,7 +67,7 @@ def test_resume_without_latest_continues_from_the_newest_step_folder(
     """With ``latest`` gone, --resume continues at the highest complete step and keeps the log's rows."""
     before = (run / "metrics.jsonl").read_text().splitlines()
     (run / "checkpoints" / "latest").unlink()
-    seen = _steps_trained(monkeypatch)
+    seen = steps_trained(monkeypatch)
     train(_cfg(small_world, run, max_steps=6), resume=True)
     assert seen == [4, 5]
     rows = (run / "metrics.jsonl").read_text().splitlines()

@@ -23,14 +23,9 @@ from counterpoint.train.balance_config import BalanceConfig
 from counterpoint.train.loop import train
 from tests.conftest import tiny_config
 
-NO_EVAL = {"zeroshot": False, "retrieval": False, "linear_probe": False}
-
 
 def _cfg(world: Path, out: Path, **train_kw: object):
-    cfg = tiny_config(world, out, **train_kw)
-    for k, v in NO_EVAL.items():
-        setattr(cfg.eval, k, v)
-    return cfg
+    return tiny_config(world, out, evaluate=False, **train_kw)
 
 
 def test_bare_command_prints_help_and_version_works(capsys: pytest.CaptureFixture) -> None:

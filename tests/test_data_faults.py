@@ -28,7 +28,6 @@ from tests.conftest import tiny_config
 from tests.test_readers import GREEN, RED, image_bytes, write_tar
 
 IMAGE = 8
-NO_EVAL = {"zeroshot": False, "retrieval": False, "linear_probe": False}
 
 
 def pair_members(key: str, colour: tuple[int, int, int], caption: str) -> list[tuple[str, bytes]]:
@@ -50,11 +49,9 @@ def world_members(start: int, n: int, bad_every: int = 0) -> list[tuple[str, byt
 
 def stream_config(shard_dir: Path, out: Path, **train_kw: object):
     """A tiny CPU run streaming ``shard_dir`` (no evaluation)."""
-    cfg = tiny_config(shard_dir, out, batch_size=16, device="cpu", **train_kw)
+    cfg = tiny_config(shard_dir, out, evaluate=False, batch_size=16, device="cpu", **train_kw)
     cfg.data.train = ""  # the stream replaces the in-memory set
     cfg.data.stream = from_dict(StreamConfig, {"sources": [{"shards": str(shard_dir)}], "num_workers": 0})
-    for k, v in NO_EVAL.items():
-        setattr(cfg.eval, k, v)
     return cfg
 
 

@@ -24,9 +24,8 @@ from counterpoint.errors import DataError, UserError
 from counterpoint.train import loop
 from counterpoint.train.balance_config import load_balance_config
 from counterpoint.train.loop import train
-from tests.conftest import tiny_config
+from tests.conftest import one_line_error, steps_trained, tiny_config
 
-NO_EVAL = {"zeroshot": False, "retrieval": False, "linear_probe": False}
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 60, 230), "yellow": (230, 220, 30),
            "purple": (140, 40, 180), "cyan": (30, 210, 220)}  # >= 5 classes: zero-shot reports top-5
 
@@ -37,10 +36,8 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 60, 230), 
 
 def _cfg(world: Path, out: Path, **train_kw: object) -> RunConfig:
     """A tiny run on the shared world: 4 steps, checkpoints at 2 and 4, no evaluation."""
-    cfg = tiny_config(world, out, **{"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2, **train_kw})
-    for k, v in NO_EVAL.items():
-        setattr(cfg.eval, k, v)
-    return cfg
+    return tiny_config(world, out, evaluate=False,
+                       **{"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2, **train_kw})
 
 
 def _own_cfg(out: Path, train_path: Path, data: dict | None = None, evaluate: dict | None = None) -> RunConfig:
@@ -72,13 +69,9 @@ def write_csv(path: Path, n: int, label: bool = True, colours: tuple[str, ...] =
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, rc: int, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err
     assert rc == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("counterpoint: error:"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    return err
+    return one_line_error(err, *needles)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -87,17 +80,6 @@ def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _steps_trained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records the step of every training iteration (the loop asks ``lr_at`` once per step)."""
-    seen: list[int] = []
-    real = loop.lr_at
-
-    def spy(step: int, *args: object) -> float:
-        seen.append(step)
-        return real(step, *args)
-
-    monkeypatch.setattr(loop, "lr_at", spy)
-    return seen
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +172,7 @@ def test_resume_says_where_it_continues(small_world: Path, run: Path, capsys: py
     proceeds and prints ``resuming <run> from step-00000004 (step 4)``."""
     cfg = _cfg(small_world, run, max_steps=5, log_every=2, checkpoint_every=3, keep_checkpoints=3)
     cfg.eval.batch_size = 64
-    seen = _steps_trained(monkeypatch)
+    seen = steps_trained(monkeypatch)
     capsys.readouterr()
     train(cfg, resume=True)
     assert f"resuming {run} from step-00000004 (step 4)" in capsys.readouterr().out
@@ -204,7 +186,7 @@ def test_resuming_a_finished_evaluated_run_does_nothing(small_world: Path, run: 
     """--resume of a run whose last step is saved and evaluated says it is finished and changes nothing."""
     assert json.loads((run / "eval.json").read_text())["step"] == 4
     before = _snapshot(run)
-    seen = _steps_trained(monkeypatch)
+    seen = steps_trained(monkeypatch)
     capsys.readouterr()
     train(_cfg(small_world, run), resume=True)
     out = capsys.readouterr().out
@@ -230,7 +212,7 @@ def test_resume_refuses_changed_settings(small_world: Path, run: Path, changes: 
     if "data.train" in changes:
         cfg.data.train = str(small_world / changes["data.train"])
     before = _snapshot(run)
-    seen = _steps_trained(monkeypatch)
+    seen = steps_trained(monkeypatch)
     with pytest.raises(UserError) as err:
         train(cfg, resume=True)
     for needle in needles:

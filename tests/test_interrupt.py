@@ -20,14 +20,9 @@ from counterpoint.train import checkpoint as ckpt
 from counterpoint.train.loop import train
 from tests.conftest import tiny_config
 
-NO_EVAL = {"zeroshot": False, "retrieval": False, "linear_probe": False}
-
 
 def _cfg(world: Path, out: Path):
-    cfg = tiny_config(world, out, checkpoint_every=1000)  # no periodic checkpoint before the end
-    for k, v in NO_EVAL.items():
-        setattr(cfg.eval, k, v)
-    return cfg
+    return tiny_config(world, out, evaluate=False, checkpoint_every=1000)  # no periodic checkpoint before the end
 
 
 def _signal_after_rows(metrics: Path, rows: int, signum: int) -> threading.Thread:

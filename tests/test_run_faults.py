@@ -27,14 +27,9 @@ from counterpoint.train.loop import train
 from tests.conftest import tiny_config
 from tests.dist_utils import run_distributed
 
-NO_EVAL = {"zeroshot": False, "retrieval": False, "linear_probe": False}
-
 
 def _cfg(world: Path, out: Path, **train_kw: object):
-    cfg = tiny_config(world, out, **{"max_steps": 4, "checkpoint_every": 2, **train_kw})
-    for k, v in NO_EVAL.items():
-        setattr(cfg.eval, k, v)
-    return cfg
+    return tiny_config(world, out, evaluate=False, **{"max_steps": 4, "checkpoint_every": 2, **train_kw})
 
 
 def _strict_rows(path: Path) -> list[dict]:

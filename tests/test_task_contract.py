@@ -45,11 +45,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(world: Path, out: Path, task: str, **train_kw: object):
     """Tiny ViT (LayerNorm only: 2 processes compute what one does), 4 steps of 32, evaluation off."""
-    cfg = tiny_config(world, out, batch_size=32, threads=1, device="cpu", max_steps=STEPS, checkpoint_every=2,
-                      **train_kw)
+    cfg = tiny_config(world, out, evaluate=False, batch_size=32, threads=1, device="cpu", max_steps=STEPS,
+                      checkpoint_every=2, **train_kw)
     cfg.model.name = "tiny-vit"
     cfg.objective = task_class(task).Config(name=task, **TASK_OPTIONS.get(task, {}))
-    cfg.eval.zeroshot = cfg.eval.retrieval = cfg.eval.linear_probe = False
     return cfg
 
 

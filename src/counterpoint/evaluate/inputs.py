@@ -16,7 +16,6 @@ a run on one's own data is never silently evaluated on the built-in world. ``""`
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -122,21 +121,15 @@ def load_classes(path: str) -> tuple[list[str], list[str], set[str]]:
     return classes, templates, set(info.get("heldout", []))
 
 
-def _peek_labels(path: str) -> tuple[int, int]:
-    """``(samples read, samples with a label)`` among the first few decodable samples of ``path``."""
-    if detect_format(path) == "csv":
-        p = Path(path) / "pairs.csv" if Path(path).is_dir() else Path(path)
-        with open(p, newline="", encoding="utf-8-sig", errors="replace") as fh:
-            header = next(csv.reader(fh, delimiter="\t" if p.suffix.lower() == ".tsv" else ","), [])
-        if not any(c.lower().strip() == "label" for c in header):
-            return 1, 0
-    seen = labelled = 0
-    for sample in iter_samples(path, SkipStats()):
-        seen += 1
+def _peek_labels(path: str) -> int:
+    """How many of the first few decodable samples of ``path`` carry a label (the readers give ``None`` for
+    a CSV without a ``label`` column or a sample without one in its json)."""
+    labelled = 0
+    for i, sample in enumerate(iter_samples(path, SkipStats())):
         labelled += sample.label is not None
-        if seen >= _PEEK:
+        if i + 1 >= _PEEK:
             break
-    return seen, labelled
+    return labelled
 
 
 def check_eval_inputs(cfg: RunConfig, inputs: EvalInputs) -> None:
@@ -146,8 +139,7 @@ def check_eval_inputs(cfg: RunConfig, inputs: EvalInputs) -> None:
         detect_format(inputs.test)
     if inputs.zeroshot and (cfg.eval.zeroshot or cfg.eval.linear_probe):
         detect_format(inputs.zeroshot)
-        seen, labelled = _peek_labels(inputs.zeroshot)
-        if labelled == 0:
+        if _peek_labels(inputs.zeroshot) == 0:
             raise DataError(f"data.zeroshot '{inputs.zeroshot}' has no labels (a 'label' column, or a 'label' in "
                             f"each sample's json); zero-shot and the linear probe need labelled images")
         if inputs.classes:
