@@ -27,8 +27,8 @@ class TextTransformer(nn.Module):
         self.proj = nn.Linear(width, embed_dim, bias=False)
         init_transformer(self, layers)
 
-    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, L]`` ids -> ``[B, L, width]`` after the final norm (zeros at padding).
+    def _packed_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+        """The blocks' output at the real tokens, ``[T, width]`` (before the final norm), and their packing.
 
         Padding never influences a real token (causal: it comes after ``<eot>``; mean pool: it is masked out
         as a key), so the blocks run on the packed real tokens only (see ``Packing``)."""
@@ -39,16 +39,26 @@ class TextTransformer(nn.Module):
         x = packing.pack(self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]])  # [T, width]
         if self.pool == "eot":
             # Causal: position t sees only <= t, so the <eot> token summarises the whole text (as CLIP).
-            x = self.transformer(x, causal=True, packing=packing)
-        else:
-            x = self.transformer(x, mask=keep[:, None, None, :], packing=packing)
+            return self.transformer(x, causal=True, packing=packing), packing
+        return self.transformer(x, mask=keep[:, None, None, :], packing=packing), packing
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` ids -> ``[B, L, width]`` after the final norm (zeros at padding)."""
+        x, packing = self._packed_states(tokens)
         return packing.pad(self.ln_final(x))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.forward_tokens(tokens)
         if self.pool == "eot":
-            pooled = x[torch.arange(x.shape[0], device=x.device), (tokens == self.eot_id).int().argmax(dim=1)]
+            # Only the <eot> rows are needed: pick them from the packed states and normalise just those (the
+            # final norm is per token), rather than normalising and padding every token first.
+            x, packing = self._packed_states(tokens)
+            flat = (torch.arange(tokens.shape[0], device=tokens.device) * tokens.shape[1]
+                    + (tokens == self.eot_id).int().argmax(dim=1))  # [B] flat position of each <eot>
+            real = (tokens != self.pad_id).flatten()[flat]  # False only for a text with no <eot> and a pad there
+            rows = torch.searchsorted(packing.index, flat).clamp_max(packing.index.shape[0] - 1)
+            pooled = self.ln_final(x.index_select(0, rows)) * real.unsqueeze(1).to(x.dtype)
         else:
+            x = self.forward_tokens(tokens)
             keep = (tokens != self.pad_id).unsqueeze(-1).to(x.dtype)
             pooled = (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
         return self.proj(pooled)

@@ -156,20 +156,25 @@ class BriVLTask(Task):
         scale = self.model.logit_scale.exp()
         logits_i2t = scale * queue_logits(u, key_txt, self.text_queue)  # [B, 1 + K]
         logits_t2i = scale * queue_logits(v, key_img, self.image_queue)  # [B, 1 + K]
-        pos_i2t = torch.zeros_like(logits_i2t, dtype=torch.bool)
-        pos_i2t[:, 0] = True
-        pos_t2i = pos_i2t.clone()
+        metrics: dict[str, float] = {}
         if self.cfg.false_negative_k > 0:
             with torch.no_grad():
+                pos_i2t = torch.zeros_like(logits_i2t, dtype=torch.bool)
+                pos_i2t[:, 0] = True
+                pos_t2i = pos_i2t.clone()
                 pos_i2t[:, 1:] = neighbour_positives(key_img, key_txt, self.text_queue, self.cfg.false_negative_k)
                 pos_t2i[:, 1:] = neighbour_positives(key_img, key_txt, self.image_queue, self.cfg.false_negative_k)
-        loss_i2t = multi_positive_ce(logits_i2t, pos_i2t)
-        loss_t2i = multi_positive_ce(logits_t2i, pos_t2i)
+            loss_i2t = multi_positive_ce(logits_i2t, pos_i2t)
+            loss_t2i = multi_positive_ce(logits_t2i, pos_t2i)
+            # queue entries per query taken as further positives
+            metrics["extra_positives"] = float((pos_i2t[:, 1:].sum() + pos_t2i[:, 1:].sum()) / (2 * u.shape[0]))
+        else:  # one positive per row (column 0): the ordinary cross-entropy, without building a mask
+            target = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
+            loss_i2t = F.cross_entropy(logits_i2t.float(), target)
+            loss_t2i = F.cross_entropy(logits_t2i.float(), target)
         with torch.no_grad():
             acc = (logits_i2t.argmax(dim=1) == 0).float().mean()
-        metrics = {"batch_acc_i2t": float(acc), "temperature": float(1.0 / scale.detach())}
-        if self.cfg.false_negative_k > 0:  # queue entries per query taken as further positives
-            metrics["extra_positives"] = float((pos_i2t[:, 1:].sum() + pos_t2i[:, 1:].sum()) / (2 * u.shape[0]))
+        metrics.update(batch_acc_i2t=float(acc), temperature=float(1.0 / scale.detach()))
         return {"i2t": loss_i2t, "t2i": loss_t2i}, metrics
 
     @torch.no_grad()
