@@ -152,3 +152,61 @@ def test_fsdp_shards_both_tower_copies_and_matches_one_process(tmp_path: Path) -
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_sigkill_at_random_moments_then_resume_is_bit_exact(small_world: Path, tmp_path: Path) -> None:
+    """A BriVL run is SIGKILLed three times at random moments while it trains (inside a step, while writing a
+    checkpoint every step, while rotating old ones) and resumed each time; it ends with the weights, momentum
+    towers, queues and per-step losses of the run that was never interrupted."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import counterpoint
+    from counterpoint.config import save_config
+    from tests.test_task_contract import _losses, _state
+
+    def config(out: str):
+        cfg = tiny_config(small_world, tmp_path / out, evaluate=False, batch_size=32, max_steps=30,
+                          checkpoint_every=1, keep_checkpoints=2, threads=1)
+        cfg.objective = BriVLConfig(queue_size=128)
+        return cfg
+
+    reference = train(config("reference"))
+    run = tmp_path / "killed"
+    save_config(config("killed"), tmp_path / "recipe.yaml")
+    src = str(Path(counterpoint.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(10):
+        started = (run / "checkpoints" / "latest").exists()
+        proc = subprocess.Popen([sys.executable, "-m", "counterpoint.cli", "train", str(tmp_path / "recipe.yaml"),
+                                 "--resume" if started else "--overwrite"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kills < 3:
+            logged = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:  # wait until it trains a new step
+                if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") > logged:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))  # then a random moment within the next few steps
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert kills == 3 and proc.returncode == 0, err[-2000:]
+    assert _losses(run) == _losses(reference)
+    a, b = _state(reference), _state(run)
+    assert a.keys() == b.keys() and any(k.startswith("task/") and "queue" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -30,7 +30,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code = main(["train", str(ROOT / "configs" / "clip_world.yaml"), f"out_dir={run}",
                  f"data.train={world}/train", f"data.test={world}/test", f"data.zeroshot={world}/zeroshot",
                  f"data.classes={world}/world.json", "train.epochs=6", "train.batch_size=64",
-                 "train.warmup_steps=10", "train.log_every=5", "train.checkpoint_every=50", "train.progress=false"])
+                 "train.warmup_steps=10", "train.log_every=5", "train.checkpoint_every=50", "train.progress=false",
+                 "eval.imagine=2", "eval.imagine_steps=10"])  # the report's grid, small (test_imagine pins it down)
     assert code == 0
     return run
 

@@ -49,7 +49,7 @@ def _own_cfg(out: Path, train_path: Path, data: dict | None = None, evaluate: di
         "data": {"train": str(train_path), **(data or {})},
         "train": {"epochs": 1, "batch_size": 16, "lr": 2e-3, "warmup_steps": 1, "max_steps": 3, "log_every": 1,
                   "checkpoint_every": 1000, "progress": False},
-        "eval": {"batch_size": 64, **(evaluate or {})},
+        "eval": {"batch_size": 64, "imagine": 0, **(evaluate or {})},
     })
 
 

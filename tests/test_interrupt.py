@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from tests.conftest import tiny_config
 
 
 def _cfg(world: Path, out: Path):
-    return tiny_config(world, out, evaluate=False, checkpoint_every=1000)  # no periodic checkpoint before the end
+    return tiny_config(world, out, evaluate=False, epochs=1, checkpoint_every=1000)  # 12 steps, no periodic checkpoint
 
 
 def _signal_after_rows(metrics: Path, rows: int, signum: int) -> threading.Thread:
@@ -39,7 +40,16 @@ def _signal_after_rows(metrics: Path, rows: int, signum: int) -> threading.Threa
     return thread
 
 
+@pytest.fixture
+def interactive_sigint() -> Iterator[None]:
+    """Ctrl-C as in a terminal, also when the suite itself runs in the background with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("interactive_sigint")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_a_checkpoint_and_resume_replays_the_run(
         small_world: Path, tmp_path: Path, signum: int, capsys: pytest.CaptureFixture) -> None:
@@ -55,12 +65,33 @@ def test_a_signal_saves_a_checkpoint_and_resume_replays_the_run(
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     stopped = rows[-1]["step"]
-    assert 3 <= stopped < 24
+    assert 3 <= stopped < 12
     assert json.loads((ckpt.resolve_checkpoint(tmp_path / "run") / "state.json").read_text())["step"] == stopped
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 
     assert main(["train", str(recipe), "--resume"]) == 0
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 24
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 12
     a = load_file(ckpt.resolve_checkpoint(reference) / "model.safetensors")
     b = load_file(ckpt.resolve_checkpoint(tmp_path / "run") / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_ignored_at_start_stays_ignored() -> None:
+    """A run started with SIGINT ignored (``nohup``, a script's background job) is not made interruptible by
+    Ctrl-C; SIGTERM still stops it cleanly; both handlers are put back afterwards."""
+    from counterpoint.train.interrupt import StopOnSignal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopOnSignal() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)

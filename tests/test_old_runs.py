@@ -43,7 +43,7 @@ def test_v1_run_evaluates_to_its_recorded_numbers(fixture_world: Path, tmp_path:
     run = tmp_path / "run_v1"
     shutil.copytree(FIXTURE, run)
     data = [f"data.test={fixture_world / 'test'}", f"data.zeroshot={fixture_world / 'zeroshot'}",
-            f"data.classes={fixture_world / 'world.json'}"]
+            f"data.classes={fixture_world / 'world.json'}", "eval.imagine=1", "eval.imagine_steps=5"]
     assert main(["eval", str(run), *data, "--out", str(tmp_path / "eval")]) == 0
     then = json.loads((FIXTURE / "eval.json").read_text())
     now = json.loads((tmp_path / "eval" / "eval.json").read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,11 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-cnn", "tiny-vit"])
-def test_resume_replays_the_uninterrupted_run(small_world: Path, tmp_path: Path, model: str) -> None:
+def test_resume_replays_the_uninterrupted_run(small_world: Path, tmp_path: Path) -> None:
+    """Stopped at step 7 by max_steps, between checkpoints; resumed, every step's loss and the final weights are
+    those of the run that went straight through (BatchNorm CNN; the ViT and every task: the contract test)."""
     def cfg(out: str, **train_kw: object):
         c = tiny_config(small_world, tmp_path / out, checkpoint_every=5, **train_kw)
-        c.model.name = model
         for k, v in NO_EVAL.items():
             setattr(c.eval, k, v)
         return c
@@ -49,30 +48,3 @@ def test_resume_replays_the_uninterrupted_run(small_world: Path, tmp_path: Path,
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-@pytest.mark.slow
-def test_resume_from_mid_run_checkpoint_after_a_crash(small_world: Path, tmp_path: Path) -> None:
-    """A crash leaves only the periodic checkpoint; resuming from it still reproduces the full run."""
-    base = tiny_config(small_world, tmp_path / "ref", checkpoint_every=5)
-    for k, v in NO_EVAL.items():
-        setattr(base.eval, k, v)
-    ref = train(base)
-
-    crashed = tiny_config(small_world, tmp_path / "crash", checkpoint_every=5, keep_checkpoints=10)
-    for k, v in NO_EVAL.items():
-        setattr(crashed.eval, k, v)
-    train(crashed)
-    ckpts = Path(crashed.out_dir) / "checkpoints"
-    # Simulate a crash after step 13: keep only the step-10 checkpoint and the log up to step 13.
-    for d in ckpts.glob("step-*"):
-        if d.name != "step-00000010":
-            shutil.rmtree(d)
-    (ckpts / "latest").write_text("step-00000010\n")
-    rows = (Path(crashed.out_dir) / "metrics.jsonl").read_text().splitlines()[:13]
-    (Path(crashed.out_dir) / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-
-    resumed = train(crashed, resume=True)
-    assert _losses(resumed) == _losses(ref)
-    a, b = _final_weights(ref), _final_weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)

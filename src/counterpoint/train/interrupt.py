@@ -20,7 +20,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 class StopOnSignal:
     """Context manager: while active, SIGINT and SIGTERM set :attr:`requested` instead of ending the process.
 
-    Outside the main thread (where Python cannot install handlers) it does nothing.
+    Outside the main thread (where Python cannot install handlers) it does nothing, and a signal the process
+    was started ignoring (``nohup``, a background job of a script) stays ignored, as the shell meant.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -39,7 +40,8 @@ class StopOnSignal:
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
