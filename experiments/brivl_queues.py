@@ -13,9 +13,9 @@ that many at once with one CPU thread each. Writes ``summary.json`` and ``summar
 over seeds, and the verdict of each queue against in-batch: a difference is claimed only beyond 2 standard
 errors).
 
-    counterpoint data make world --out data/weak --captions weak --train 20000 --test 1000
-    counterpoint data make world --out data/literal --train 1000 --test 1000
-    python experiments/brivl_queues.py --weak data/weak --literal data/literal --out runs/brivl-queues
+    counterpoint data make world --out data/weak-20k --captions weak --train 20000 --test 1000
+    counterpoint data make world --out data/literal-test --train 1000 --test 1000
+    python experiments/brivl_queues.py --weak data/weak-20k --literal data/literal-test --out runs/brivl-queues
 """
 
 from __future__ import annotations

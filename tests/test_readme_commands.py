@@ -139,6 +139,10 @@ SHRINK: dict[str, Shrink] = {
     "counterpoint data make world --out data/weak --captions weak --mismatch 0.2 --audio --stories 1000": Shrink(
         "main", _o("--train 64 --test 32 --zeroshot 32"), replace=(("1000", "4"),),
         writes=("data/weak/world.json",)),
+    "counterpoint data make world --out data/weak-20k --captions weak --train 20000 --test 1000": Shrink(
+        "main", WORLD, writes=("data/weak-20k/world.json",)),
+    "counterpoint data make world --out data/literal-test --train 1000 --test 1000": Shrink(
+        "main", WORLD, writes=("data/literal-test/test",)),
     "counterpoint train configs/brivl_weak.yaml": Shrink(
         "main", TRAIN + ("objective.queue_size=64",), writes=("runs/brivl-weak/eval.json",)),
     "counterpoint eval runs/clip-world data.test=data/weak/test": Shrink(
