@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import torch
 from counterpoint.config import RunConfig, from_dict
 from counterpoint.data.make_world import make_world
 from counterpoint.data.world import WorldConfig
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist the workers share the cores: one thread each, in this process and in the processes its
+    # tests start (torch reads OMP_NUM_THREADS), rather than threads spinning against each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

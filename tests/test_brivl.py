@@ -134,30 +134,8 @@ def test_grad_cache_is_refused_with_one_line(small_world: Path, tmp_path: Path) 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_fsdp_shards_both_tower_copies_and_matches_one_process(tmp_path: Path) -> None:
-    """Under FSDP2 (2 processes) the query and momentum towers are sharded, the EMA runs on the shards and the
-    queues stay replicated: losses, weights and queues match one process to 1e-5."""
-    from counterpoint.data.make_world import make_world
-    from counterpoint.data.world import WorldConfig
-    from tests.test_task_contract import _config, _losses, _state
-    from tests.test_train_distributed import torchrun
-
-    world = tmp_path / "world"
-    make_world(world, WorldConfig(seed=4), "wds", train=128, test=32, zeroshot=64, progress=False)
-    one = train(_config(world, tmp_path / "one", "brivl"))
-    torchrun(_config(world, tmp_path / "fsdp", "brivl", parallel="fsdp"), tmp_path)
-    for (s1, x), (s2, y) in zip(_losses(one), _losses(tmp_path / "fsdp"), strict=True):
-        assert s1 == s2 and abs(x - y) <= 1e-5, (s1, x, y)
-    a, b = _state(one), _state(tmp_path / "fsdp")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(small_world: Path, tmp_path: Path) -> None:
-    """A BriVL run is SIGKILLed three times at random moments while it trains (inside a step, while writing a
+    """A BriVL run is SIGKILLed twice at random moments while it trains (inside a step, while writing a
     checkpoint every step, while rotating old ones) and resumed each time; it ends with the weights, momentum
     towers, queues and per-step losses of the run that was never interrupted."""
     import os
@@ -172,7 +150,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(small_world: Path, t
     from tests.test_task_contract import _losses, _state
 
     def config(out: str):
-        cfg = tiny_config(small_world, tmp_path / out, evaluate=False, batch_size=32, max_steps=30,
+        cfg = tiny_config(small_world, tmp_path / out, evaluate=False, batch_size=32, max_steps=20,
                           checkpoint_every=1, keep_checkpoints=2, threads=1)
         cfg.objective = BriVLConfig(queue_size=128)
         return cfg
@@ -189,7 +167,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(small_world: Path, t
         proc = subprocess.Popen([sys.executable, "-m", "counterpoint.cli", "train", str(tmp_path / "recipe.yaml"),
                                  "--resume" if started else "--overwrite"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if kills < 3:
+        if kills < 2:
             logged = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
             deadline = time.monotonic() + 120
             while proc.poll() is None and time.monotonic() < deadline:  # wait until it trains a new step
@@ -204,7 +182,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(small_world: Path, t
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, err[-2000:]
-    assert kills == 3 and proc.returncode == 0, err[-2000:]
+    assert kills == 2 and proc.returncode == 0, err[-2000:]
     assert _losses(run) == _losses(reference)
     a, b = _state(reference), _state(run)
     assert a.keys() == b.keys() and any(k.startswith("task/") and "queue" in k for k in a)

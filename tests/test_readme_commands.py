@@ -142,7 +142,7 @@ SHRINK: dict[str, Shrink] = {
     "counterpoint data make world --out data/weak-20k --captions weak --train 20000 --test 1000": Shrink(
         "main", WORLD, writes=("data/weak-20k/world.json",)),
     "counterpoint data make world --out data/literal-test --train 1000 --test 1000": Shrink(
-        "main", WORLD, writes=("data/literal-test/test",)),
+        "main", WORLD, writes=("data/literal-test/world.json",)),
     "counterpoint train configs/brivl_weak.yaml": Shrink(
         "main", TRAIN + ("objective.queue_size=64",), writes=("runs/brivl-weak/eval.json",)),
     "counterpoint eval runs/clip-world data.test=data/weak/test": Shrink(
