@@ -159,35 +159,12 @@ def interleaved_timing(fns: dict[str, Callable[[], object]], steps: int, warmup:
 # FLOP counting
 
 
-def _cpu_sdpa_mapping() -> dict:
-    """FLOP formulas for the CPU flash-attention kernels that ``FlopCounterMode`` does not know (it counts
-    only the CUDA ones; without this, attention would add 0 FLOPs on CPU). Same convention as torch's CUDA
-    formulas: QK^T and PV (and their gradients) counted as dense matmuls, even under a causal mask."""
-    import torch
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-
-    aten = torch.ops.aten
-
-    def fwd(query, key, value, *args, out_shape=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        return sdpa_flop_count(query, key, value)
-
-    def bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        return sdpa_backward_flop_count(grad_out, query, key, value)
-
-    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
-
-
 def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
-    """FLOPs that ``fn()`` executes, counted op by op with ``torch.utils.flop_counter.FlopCounterMode``
-    (matmuls, convolutions, attention; elementwise ops, norms and the optimiser count 0). Returns the total
-    and the per-op totals."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs that ``fn()`` executes (total, per op), by the counter every training run uses
+    (``counterpoint.train.compute``), imported here lazily so torch loads after the thread settings."""
+    from counterpoint.train.compute import count_flops as count
 
-    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
-        fn()
-    per_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    return int(counter.get_total_flops()), per_op
+    return count(fn)
 
 
 # ----------------------------------------------------------------------------------------------------------

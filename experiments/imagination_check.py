@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import counterpoint
 from counterpoint.evaluate.inputs import load_classes
@@ -44,32 +45,40 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pixels", action="store_true", help="ablation: plain pixel parameterisation")
+    parser.add_argument("--reuse", action="store_true",
+                        help="classify the pictures an earlier check of the same A wrote to --out (images.safetensors)")
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     model_a, tok_a = counterpoint.load_checkpoint(args.a)
     model_b, tok_b = counterpoint.load_checkpoint(args.b)
     classes, templates, heldout = load_classes(args.classes)
     prompts = [templates[0].format(c=c) for c in classes]
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = args.out / "images.safetensors"
     start = time.perf_counter()
-    images, cosine = counterpoint.imagine(model_a, tok_a, prompts, steps=args.steps, seed=args.seed,
-                                          fourier=not args.pixels, progress=True)
+    if args.reuse:
+        images = load_file(saved)["images"]
+    else:
+        images, _ = counterpoint.imagine(model_a, tok_a, prompts, steps=args.steps, seed=args.seed,
+                                         fourier=not args.pixels, progress=True)
+        save_file({"images": images.contiguous()}, saved)
     seconds = time.perf_counter() - start
+    with torch.no_grad():  # cosine of each picture with its prompt, under A
+        cosine = (counterpoint.encode_image(model_a, images)
+                  * counterpoint.encode_text(model_a, tok_a, prompts)).sum(dim=1)
     truth = torch.arange(len(classes))
     colours = [c.split()[0] for c in classes]
     colour = torch.tensor([sorted(set(colours)).index(c) for c in colours])
+    held = torch.tensor([c in heldout for c in classes])
     result = {"a": str(args.a), "b": str(args.b), "steps": args.steps, "seed": args.seed,
               "parameterisation": "pixels" if args.pixels else "fourier", "imagine_seconds": round(seconds, 1),
               "mean_cosine_a": float(cosine.mean())}
+    predictions = {}
     for name, (model, tok) in {"a": (model_a, tok_a), "b": (model_b, tok_b)}.items():
-        pred = classify(model, tok, images, classes, templates)
+        pred = predictions[name] = classify(model, tok, images, classes, templates)
         result[f"{name}_class_top1"] = float((pred == truth).float().mean())
         result[f"{name}_colour_top1"] = float((colour[pred] == colour).float().mean())
-        held = torch.tensor([c in heldout for c in classes])
         result[f"{name}_heldout_class_top1"] = float((pred == truth)[held].float().mean())
-        if name == "b":
-            seen_by_b = [classes[i] for i in pred.tolist()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    labels = [f"{c} -> {s}" for c, s in zip(classes, seen_by_b)]
+    labels = [f"{c} -> {classes[i]}" for c, i in zip(classes, predictions["b"].tolist())]
     save_pictures(images, labels, args.out, title=f"imagined by A ({args.a.name}); after the arrow: what B "
                                                   f"({args.b.name}) classifies it as")
     (args.out / "check.json").write_text(json.dumps(result, indent=2))

@@ -107,6 +107,11 @@ def test_two_processes_equal_one_infonce(clip_runs: dict[str, Path]) -> None:
     assert_moved(clip_runs["one"], clip_runs["one"] / "checkpoints" / "step-00000001")
     state = json.loads((clip_runs["ddp"] / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert state["step"] == 6 and "optimizer" in state  # rank 0 wrote a complete checkpoint
+    # The ranks' FLOPs add up to the one process's: each computes half the towers' work and its rows of the
+    # logits against the gathered batch.
+    gflop = [[r["gflop"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+             for run in (clip_runs["one"], clip_runs["ddp"])]
+    assert gflop[0] == pytest.approx(gflop[1], rel=1e-6)
 
 
 def test_grad_cache_accumulation_equals_full_batch(world: Path, clip_runs: dict[str, Path], tmp_path: Path) -> None:

@@ -33,6 +33,14 @@ def write_report(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any
     lines += ["## Summary", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in summary.items()]
     lines.append("")
+    compute = result.get("compute")
+    if compute:
+        lines += ["## Compute", "",
+                  f"{compute['samples_seen']:,} training samples seen, {compute['train_gflop']:,.1f} GFLOP of training "
+                  f"({compute['gflop_per_sample']:.4f} per sample; matmuls, convolutions and attention, forward and "
+                  f"backward, counted on the first step). Model FLOPs utilisation {100 * compute['mfu']:.1f}% "
+                  f"(median over the logged intervals) of a matmul peak of {compute['matmul_peak_gflops']:,.1f} "
+                  f"GFLOP/s measured at the start of the run.", ""]
     not_run = result.get("skipped_evaluations") or {}
     if not_run:
         lines += ["## Not evaluated", ""]

@@ -55,6 +55,7 @@ from counterpoint.report.plots import plot_curves, plot_eval
 from counterpoint.report.run_report import read_metrics, write_report
 from counterpoint.train import checkpoint as ckpt
 from counterpoint.train.batches import data_info, training_batches
+from counterpoint.train.compute import compute_summary, counting_flops, matmul_peak_gflops
 from counterpoint.train.distributed import (
     DistContext,
     ParallelTask,
@@ -377,6 +378,11 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else nullcontext())
 
+    # Compute, comparable across machines: the ranks' matmul peaks (summed: the job's capacity) now, and the
+    # global batch's training FLOPs counted while the first step runs (train/compute.py).
+    peak_gflops = ctx.mean({"peak": matmul_peak_gflops(device)})["peak"] * ctx.world_size
+    flops_per_step: float | None = None
+
     par.module.train()
     log = open(run_dir / "metrics.jsonl", "a") if ctx.is_main else None
     bar = tqdm(total=(end_step - start_step) * bs, unit=" samples", unit_scale=True, desc="train",
@@ -392,7 +398,10 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
-                losses, metrics = par.forward_backward(batch, step, cfg.train.accum_steps, autocast)
+                with counting_flops() if flops_per_step is None else nullcontext() as counted:
+                    losses, metrics = par.forward_backward(batch, step, cfg.train.accum_steps, autocast)
+                if flops_per_step is None:
+                    flops_per_step = ctx.mean({"flops": float(counted.total)})["flops"] * ctx.world_size
                 grad_norm = par.clip_grad_norm(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
                 # one check per step, agreed by all ranks: a non-finite value anywhere, a stop signal anywhere
                 nonfinite, stopping = ctx.any_rank(not _is_finite(losses, grad_norm), stop.requested)
@@ -410,8 +419,12 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                                        **{f"loss/{k}": float(v.detach()) for k, v in losses.items()}, **metrics})
                     now = time.perf_counter()
                     epoch = {"epoch": round(done / steps_per_epoch, 4)} if steps_per_epoch else {}
+                    seconds = max(now - t_last, 1e-9)
                     row = {"step": done, "samples_seen": done * bs, **epoch, "lr": lr, **values,
-                           "samples_per_s": round((done - last_logged) * bs / max(now - t_last, 1e-9), 1)}
+                           "samples_per_s": round((done - last_logged) * bs / seconds, 1),
+                           "gflop": round(flops_per_step * done / 1e9, 3),
+                           "mfu": round(flops_per_step * (done - last_logged) / seconds / (peak_gflops * 1e9), 4),
+                           "matmul_peak_gflops": round(peak_gflops, 1)}
                     if grad_norm is not None:
                         row["grad_norm"] = as_float(grad_norm)
                     if nonfinite_steps:
@@ -499,11 +512,14 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
     if train_info is not None:
         result["data"]["skipped"]["train"] = SkipStats.from_dict(train_info["skipped"]).as_dict()
     result.update(step=step, model=model_name, eval_seconds=round(time.perf_counter() - t0, 2))
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    compute = compute_summary(rows)
+    if compute:
+        result["compute"] = compute
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.eval.imagine > 0:
         imagine_class_prompts(model, tokenizer, cfg, out_dir, result)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    rows = read_metrics(run_dir / "metrics.jsonl")
     if out_dir == run_dir:
         plot_curves(rows, run_dir)
     else:
