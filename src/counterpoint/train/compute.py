@@ -5,6 +5,8 @@ FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` while the fi
 counter only watches the ops, so the step computes exactly what it would have), the way
 ``benchmarks/bench_train.py`` counts them: matmuls, convolutions and attention, forward and backward;
 elementwise ops, norms and the optimizer count 0 (the PaLM convention, Chowdhery et al. 2022, appendix B).
+What runs is what is counted: with GradCache (``train.accum_steps > 1``) the second forward pass of every
+micro-batch is counted too, and a BriVL step includes the momentum towers' forward.
 """
 
 from __future__ import annotations
