@@ -11,6 +11,7 @@ micro-batch is counted too, and a BriVL step includes the momentum towers' forwa
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -70,8 +71,15 @@ def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
 def matmul_peak_gflops(device: torch.device, n: int | None = None, repeats: int = 3) -> float:
     """The machine's fp32 matmul rate in GFLOP/s, the best of ``repeats`` square products of size ``n``
     (1024 on CPU: ~0.1 s on 2 slow cores; 4096 on GPU), after one untimed product. Cheap enough to run at the
-    start of every run; ``benchmarks/common.matmul_peak`` measures it more thoroughly (larger sizes)."""
+    start of every run, and measured once per process, device and thread count (several runs in one Python
+    session share it); ``benchmarks/common.matmul_peak`` measures it more thoroughly (larger sizes)."""
     n = n or (4096 if device.type == "cuda" else 1024)
+    return _measured_peak(device.type, device.index, n, repeats, torch.get_num_threads())
+
+
+@functools.cache
+def _measured_peak(kind: str, index: int | None, n: int, repeats: int, threads: int) -> float:
+    device = torch.device(kind, index) if index is not None else torch.device(kind)
     gen = torch.Generator().manual_seed(n)
     a = torch.randn(n, n, generator=gen).to(device)
     b = torch.randn(n, n, generator=gen).to(device)
