@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from counterpoint.train.balance_compare import _stat as stat
+from counterpoint.train.balance_compare import verdict
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "brivl_weak.yaml"
 METRICS = {"weak t2i R@1": ("weak", "retrieval.text_to_image.R@1"),
@@ -69,20 +71,6 @@ def run_one(args: argparse.Namespace, queue: int, seed: int) -> dict[str, Any]:
             value = value[part]
         values[label] = float(value)
     return {"queue": queue, "seed": seed, **values}
-
-
-def stat(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "values": values}
-
-
-def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """``a`` against ``b`` in points, claiming a difference only beyond twice its standard error."""
-    delta = 100 * (a["mean"] - b["mean"])
-    if a["std"] is None or b["std"] is None:
-        return f"{delta:+.1f} (one seed)"
-    se = 100 * ((a["std"] ** 2 + b["std"] ** 2) / len(a["values"])) ** 0.5
-    return f"{delta:+.1f} ({'beyond' if abs(delta) > 2 * se else 'within'} 2 s.e. = {2 * se:.1f})"
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -74,12 +74,11 @@ def matmul_peak_gflops(device: torch.device, n: int | None = None, repeats: int 
     start of every run, and measured once per process, device and thread count (several runs in one Python
     session share it); ``benchmarks/common.matmul_peak`` measures it more thoroughly (larger sizes)."""
     n = n or (4096 if device.type == "cuda" else 1024)
-    return _measured_peak(device.type, device.index, n, repeats, torch.get_num_threads())
+    return _measured_peak(device, n, repeats, torch.get_num_threads())
 
 
 @functools.cache
-def _measured_peak(kind: str, index: int | None, n: int, repeats: int, threads: int) -> float:
-    device = torch.device(kind, index) if index is not None else torch.device(kind)
+def _measured_peak(device: torch.device, n: int, repeats: int, threads: int) -> float:
     gen = torch.Generator().manual_seed(n)
     a = torch.randn(n, n, generator=gen).to(device)
     b = torch.randn(n, n, generator=gen).to(device)
