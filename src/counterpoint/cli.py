@@ -53,6 +53,8 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
     from counterpoint.data.make_world import make_world
     from counterpoint.data.world import WorldConfig
 
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"data make world: --workers must be >= 1, got {args.workers}")
     try:
         wcfg = WorldConfig(seed=args.seed, image_size=args.image_size, caption_mode=args.captions,
                            mismatch_fraction=args.mismatch, num_heldout=args.heldout,
@@ -60,7 +62,8 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"data make world: {exc}") from None
     info = make_world(args.out, wcfg, args.format, args.train, args.test, args.zeroshot, args.stories,
-                      args.audio, args.image_format, progress=not args.quiet, overwrite=args.overwrite)
+                      args.audio, args.image_format, progress=not args.quiet, overwrite=args.overwrite,
+                      workers=args.workers)
     print(f"wrote the built-in world to {args.out} ({args.format}): "
           + ", ".join(f"{k} {v}" for k, v in info["splits"].items() if v)
           + f"; {len(info['classes'])} classes, {len(info['heldout'])} held out of training")
@@ -280,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--image-size", type=int, default=32, help="pixels per side")
     make.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png", help="image file format")
     make.add_argument("--seed", type=int, default=0, help="the whole world follows from it")
+    make.add_argument("--workers", type=int, default=None,
+                      help="processes writing WebDataset shards at once (default: the CPU count); the files are "
+                           "the same for any number")
     make.add_argument("--quiet", action="store_true", help="no progress bars")
     make.add_argument("--overwrite", action="store_true", help="replace a world already in --out")
     make.set_defaults(func=_cmd_data_make)

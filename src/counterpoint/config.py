@@ -161,6 +161,9 @@ class EvalConfig:
     max_retrieval_samples: int | None = None  # use at most this many test pairs (null: all)
     imagine: int = 8  # class prompts imagined for the report's picture grid (0: none)
     imagine_steps: int = 300  # optimisation steps per imagined picture
+    # Zero-shot top-1 on data.zeroshot every this many training steps (0: only at the end), logged in
+    # metrics.jsonl as zeroshot/heldout, zeroshot/seen, zeroshot/all and plotted in the report.
+    every_steps: int = 0
 
 
 @dataclass
@@ -197,6 +200,10 @@ def _check_ranges(cfg: RunConfig) -> None:
         (len(cfg.eval.recall_at) >= 1, "eval.recall_at must list at least one K"),
         (0 <= cfg.eval.imagine <= 64, "eval.imagine must be in [0, 64]"),
         (cfg.eval.imagine_steps >= 1, "eval.imagine_steps must be >= 1"),
+        (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0 (0: evaluate only at the end)"),
+        (cfg.eval.every_steps == 0 or cfg.train.parallel != "fsdp",
+         "eval.every_steps does not work with train.parallel=fsdp (the weights are sharded during training); "
+         "use ddp or set eval.every_steps=0"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (contrastive losses need negatives)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),

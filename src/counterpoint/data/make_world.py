@@ -12,8 +12,11 @@ Layout of ``OUT``::
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,14 +24,54 @@ from PIL import Image
 from tqdm import tqdm
 
 from counterpoint.data.world import PROMPT_TEMPLATES, World, WorldConfig, WorldSample
-from counterpoint.data.writers import Format, Record, write_records
+from counterpoint.data.writers import Format, Record, ShardWriter, write_records, write_sizes
 from counterpoint.errors import DataError
+
+SAMPLES_PER_SHARD = 5000
+
+
+def _record(world: World, split: str, i: int, with_audio: bool) -> Record:
+    s: WorldSample = world.labelled(i, with_audio) if split == "zeroshot" else world.pair(split, i, with_audio)
+    return Record(s.key, s.image, s.caption, s.meta(), s.audio, world.cfg.audio_sample_rate)
 
 
 def _records(world: World, split: str, n: int, with_audio: bool, progress: bool) -> Iterator[Record]:
     for i in tqdm(range(n), desc=f"world/{split}", unit=" samples", disable=not progress, leave=False):
-        s: WorldSample = world.labelled(i, with_audio) if split == "zeroshot" else world.pair(split, i, with_audio)
-        yield Record(s.key, s.image, s.caption, s.meta(), s.audio, world.cfg.audio_sample_rate)
+        yield _record(world, split, i, with_audio)
+
+
+def _write_shard(cfg: WorldConfig, split: str, shard: int, n: int, with_audio: bool, out: Path,
+                 image_format: str) -> dict[str, int]:
+    """Samples ``shard * SAMPLES_PER_SHARD ..`` of ``split`` into one shard (a worker process's job)."""
+    world = World(cfg)
+    start = shard * SAMPLES_PER_SHARD
+    with ShardWriter(out, SAMPLES_PER_SHARD, image_format, first_shard=shard, sizes_file=False) as writer:
+        for i in range(start, min(start + SAMPLES_PER_SHARD, n)):
+            writer.write(_record(world, split, i, with_audio))
+    return writer.sizes
+
+
+def _write_split(world: World, split: str, n: int, out: Path, fmt: Format, image_format: str, with_audio: bool,
+                 workers: int, progress: bool) -> None:
+    """One split; WebDataset shards are written by ``workers`` processes at once. Every sample is a pure
+    function of its index and shard boundaries are fixed, so the files are the same for any ``workers``."""
+    shards = -(-n // SAMPLES_PER_SHARD)
+    workers = min(workers, shards)
+    if fmt != "wds" or workers <= 1:
+        write_records(_records(world, split, n, with_audio, progress), out, fmt, image_format, SAMPLES_PER_SHARD)
+        return
+    # fork where there is one: the workers need no fresh interpreter (no torch, no threads, only numpy and PIL)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    sizes: dict[str, int] = {}
+    with (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool,
+          tqdm(total=n, desc=f"world/{split}", unit=" samples", disable=not progress, leave=False) as bar):
+        jobs = [pool.submit(_write_shard, world.cfg, split, shard, n, with_audio, out, image_format)
+                for shard in range(shards)]
+        for job in as_completed(jobs):
+            done = job.result()
+            sizes.update(done)
+            bar.update(sum(done.values()))
+    write_sizes(out, sizes)
 
 
 def write_stories(world: World, n: int, out_dir: Path, steps: int = 4) -> None:
@@ -52,8 +95,9 @@ WORLD_ENTRIES = ("world.json", "train", "test", "zeroshot", "stories")
 
 def make_world(out: str | Path, cfg: WorldConfig, fmt: Format = "wds", train: int = 100_000, test: int = 2_000,
                zeroshot: int = 2_048, stories: int = 0, with_audio: bool = False, image_format: str = "png",
-               progress: bool = True, overwrite: bool = False) -> dict:
-    """Generate and write every split; returns the ``world.json`` content.
+               progress: bool = True, overwrite: bool = False, workers: int | None = None) -> dict:
+    """Generate and write every split; returns the ``world.json`` content. ``workers``: processes writing
+    shards at once (default: the CPU count).
 
     A folder that already holds a world (or any of its entries) is refused unless ``overwrite``, which first
     removes those entries (and nothing else): writing over them would mix two worlds' shards in one split.
@@ -69,9 +113,11 @@ def make_world(out: str | Path, cfg: WorldConfig, fmt: Format = "wds", train: in
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
     world = World(cfg)
+    workers = workers or os.cpu_count() or 1
     for split, n in (("train", train), ("test", test), ("zeroshot", zeroshot)):
         if n > 0:
-            write_records(_records(world, split, n, with_audio, progress), out / split, fmt, image_format)
+            (out / split).mkdir()
+            _write_split(world, split, n, out / split, fmt, image_format, with_audio, workers, progress)
     if stories > 0:
         write_stories(world, stories, out / "stories")
     info = {

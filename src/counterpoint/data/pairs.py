@@ -7,14 +7,27 @@ function of ``(seed, epoch)``: a resumed run sees exactly the batches an uninter
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from counterpoint.data.readers import SkipStats, iter_samples, to_square_array
+from counterpoint.data.readers import (
+    RawSample,
+    SkipStats,
+    decode_members,
+    detect_format,
+    iter_samples,
+    iter_tar_groups,
+    tar_files,
+    to_square_array,
+)
 from counterpoint.errors import DataError
 
 
@@ -33,22 +46,74 @@ class PairSet:
         return len(self.captions)
 
 
+@dataclass
+class _Chunk:
+    """What one shard held: pixels ``[n, S, S, 3]`` and the aligned texts (a reader process's answer)."""
+
+    arrays: list[np.ndarray]
+    captions: list[str]
+    labels: list[str | None]
+    keys: list[str]
+    skips: SkipStats
+
+    def add(self, sample: RawSample, image_size: int) -> None:
+        self.arrays.append(to_square_array(sample.image, image_size))
+        self.captions.append(sample.caption)
+        self.labels.append(sample.label)
+        self.keys.append(sample.key)
+
+
+def _read_shard(tar_path: Path, image_size: int, caption_key: str) -> _Chunk:
+    chunk = _Chunk([], [], [], [], SkipStats())
+    for key, members in iter_tar_groups(tar_path, chunk.skips):
+        sample = decode_members(key, members, caption_key, f"{tar_path.name}:{key}", chunk.skips)
+        if sample is not None:
+            chunk.add(sample, image_size)
+    return chunk
+
+
+def _read_chunks(path: str, image_size: int, caption_key: str, limit: int | None, workers: int,
+                 progress: bool, desc: str) -> Iterator[_Chunk]:
+    """Shards decoded by ``workers`` processes at once, in shard order (so the pairs come in the order one
+    process reads them); other formats, one process, or a ``limit``, sample by sample."""
+    shards = tar_files(path) if detect_format(path) == "wds" else []
+    workers = min(workers, len(shards))
+    bar = tqdm(desc=desc, unit=" pairs", disable=not progress, leave=False)
+    if workers > 1 and limit is None:
+        # fork: the readers need only PIL and numpy, and a fresh interpreter would import torch first
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+            for chunk in pool.map(_read_shard, shards, [image_size] * len(shards), [caption_key] * len(shards)):
+                bar.update(len(chunk.captions))
+                yield chunk
+        bar.close()
+        return
+    chunk = _Chunk([], [], [], [], SkipStats())
+    for sample in iter_samples(path, chunk.skips, caption_key):
+        chunk.add(sample, image_size)
+        bar.update(1)
+        if limit is not None and len(chunk.captions) >= limit:
+            break
+    bar.close()
+    yield chunk
+
+
 def load_pairs(path: str, image_size: int, caption_key: str = "txt", limit: int | None = None,
-               progress: bool = False, desc: str = "reading") -> PairSet:
-    """Read every decodable pair under ``path`` (any reader format) into memory."""
+               progress: bool = False, desc: str = "reading", workers: int | None = None) -> PairSet:
+    """Read every decodable pair under ``path`` (any reader format) into memory; WebDataset shards are
+    decoded by ``workers`` processes at once (default: the CPU count)."""
     skips = SkipStats()
     arrays: list[np.ndarray] = []
     captions: list[str] = []
     labels: list[str | None] = []
     keys: list[str] = []
-    samples = iter_samples(path, skips, caption_key)
-    for sample in tqdm(samples, desc=desc, unit=" pairs", disable=not progress, leave=False):
-        arrays.append(to_square_array(sample.image, image_size))
-        captions.append(sample.caption)
-        labels.append(sample.label)
-        keys.append(sample.key)
-        if limit is not None and len(captions) >= limit:
-            break
+    for chunk in _read_chunks(path, image_size, caption_key, limit, workers or os.cpu_count() or 1, progress,
+                              desc):
+        arrays += chunk.arrays
+        captions += chunk.captions
+        labels += chunk.labels
+        keys += chunk.keys
+        skips.merge(chunk.skips)
     if not captions:
         detail = f" ({skips.total} samples skipped: {dict(skips.counts)})" if skips.total else ""
         raise DataError(f"no usable image-text pairs found in '{path}'{detail}")

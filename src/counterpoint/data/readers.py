@@ -182,7 +182,7 @@ def decode_members(key: str, members: dict[str, bytes], caption_key: str, where:
     return RawSample(key, image, caption, label if isinstance(label, str) else None)
 
 
-def _tar_files(path: str) -> list[Path]:
+def tar_files(path: str) -> list[Path]:
     p = Path(path)
     if p.is_file():
         return [p]
@@ -245,7 +245,7 @@ def iter_tar_groups(tar_path: Path, skips: SkipStats) -> Iterator[tuple[str, dic
 
 
 def iter_webdataset(path: str, caption_key: str, skips: SkipStats) -> Iterator[RawSample]:
-    for tar_path in _tar_files(path):
+    for tar_path in tar_files(path):
         for key, members in iter_tar_groups(tar_path, skips):
             sample = decode_members(key, members, caption_key, f"{tar_path.name}:{key}", skips)
             if sample is not None:

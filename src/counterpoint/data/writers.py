@@ -62,16 +62,26 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
+    """``sizes.json`` (shard name -> samples), written atomically."""
+    tmp = out_dir / f".{SIZES_FILE}.tmp"
+    tmp.write_text(json.dumps(dict(sorted(sizes.items())), indent=2))
+    os.replace(tmp, out_dir / SIZES_FILE)
+
+
 class ShardWriter:
     """Writes ``shard-000000.tar``, ``shard-000001.tar``, ... with at most ``samples_per_shard`` each, and
-    ``sizes.json`` (shard name -> samples) on close."""
+    ``sizes.json`` (shard name -> samples) on close. ``first_shard`` and ``sizes_file=False`` let several
+    processes write disjoint shards of one split; the caller then merges their ``sizes``."""
 
-    def __init__(self, out_dir: str | Path, samples_per_shard: int = 5000, image_format: str = "png") -> None:
+    def __init__(self, out_dir: str | Path, samples_per_shard: int = 5000, image_format: str = "png",
+                 first_shard: int = 0, sizes_file: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
         self.image_format = image_format
-        self.shard = 0
+        self.sizes_file = sizes_file
+        self.shard = first_shard
         self.count = 0
         self.sizes: dict[str, int] = {}
         self._tar: tarfile.TarFile | None = None
@@ -79,7 +89,9 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._tmp = self.out_dir / f".shard-{self.shard:06d}.tar.tmp"
-        self._tar = tarfile.open(self._tmp, "w")
+        # GNU headers: long member names like PAX, without PAX's per-member header cost (a third of the time
+        # of writing the world went to it)
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.GNU_FORMAT)
 
     def _close(self) -> None:
         if self._tar is None:
@@ -105,10 +117,8 @@ class ShardWriter:
 
     def close(self) -> None:
         self._close()
-        if self.sizes:
-            tmp = self.out_dir / f".{SIZES_FILE}.tmp"
-            tmp.write_text(json.dumps(self.sizes, indent=2))
-            os.replace(tmp, self.out_dir / SIZES_FILE)
+        if self.sizes and self.sizes_file:
+            write_sizes(self.out_dir, self.sizes)
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -137,7 +137,7 @@ def check_eval_inputs(cfg: RunConfig, inputs: EvalInputs) -> None:
     training costs the hour."""
     if inputs.test and cfg.eval.retrieval:
         detect_format(inputs.test)
-    if inputs.zeroshot and (cfg.eval.zeroshot or cfg.eval.linear_probe):
+    if inputs.zeroshot and (cfg.eval.zeroshot or cfg.eval.linear_probe or cfg.eval.every_steps):
         detect_format(inputs.zeroshot)
         if _peek_labels(inputs.zeroshot) == 0:
             raise DataError(f"data.zeroshot '{inputs.zeroshot}' has no labels (a 'label' column, or a 'label' in "

@@ -19,12 +19,11 @@ import torch
 from counterpoint.config import RunConfig
 from counterpoint.data.pairs import load_pairs
 from counterpoint.data.tokenizer import Tokenizer
-from counterpoint.errors import DataError
 from counterpoint.evaluate.embed import embed_images, embed_texts
-from counterpoint.evaluate.inputs import DEFAULT_TEMPLATE, load_classes, resolve_eval_inputs
+from counterpoint.evaluate.inputs import resolve_eval_inputs
 from counterpoint.evaluate.linear_probe import linear_probe
 from counterpoint.evaluate.retrieval import retrieval_metrics
-from counterpoint.evaluate.zeroshot import class_embeddings, topk_accuracy
+from counterpoint.evaluate.zeroshot import class_embeddings, load_labelled, zeroshot_by_subset
 from counterpoint.models.two_tower import TwoTower
 
 
@@ -46,34 +45,14 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
         txt = embed_texts(model, tokenizer, test.captions, ecfg.batch_size, device, across_ranks)
         result["retrieval"] = {"n": len(test), **retrieval_metrics(img, txt, tuple(ecfg.recall_at))}
     if (ecfg.zeroshot or ecfg.linear_probe) and inputs.zeroshot:
-        labelled = load_pairs(inputs.zeroshot, size, cfg.data.caption_key, None, progress,
-                              desc="reading zeroshot")
-        if inputs.classes:
-            classes, templates, heldout = load_classes(inputs.classes)
-        else:  # no class file: the labels themselves, one generic prompt
-            classes, templates, heldout = sorted({x for x in labelled.labels if x}), [DEFAULT_TEMPLATE], set()
-        index = {c: i for i, c in enumerate(classes)}
-        keep = []
-        for i, (label, key) in enumerate(zip(labelled.labels, labelled.keys)):
-            if label in index:
-                keep.append(i)
-            else:  # counted, never dropped without a word
-                labelled.skips.skip("no_label" if label is None else "unknown_label", key)
+        labelled = load_labelled(inputs, size, cfg.data.caption_key, progress)
         result["data"]["skipped"]["zeroshot"] = labelled.skips.as_dict()
-        if not keep:
-            raise DataError(f"no image in '{inputs.zeroshot}' has a label from '{inputs.classes}'")
         result["zeroshot_data"] = {"path": inputs.zeroshot, "classes": inputs.classes or "labels of the images"}
-        targets = torch.tensor([index[labelled.labels[i]] for i in keep])
-        img = embed_images(model, labelled.images[keep], ecfg.batch_size, device, across_ranks)
+        img = embed_images(model, labelled.images, ecfg.batch_size, device, across_ranks)
         if ecfg.zeroshot:
-            weights = class_embeddings(model, tokenizer, classes, templates, device, across_ranks)
-            is_heldout = torch.tensor([labelled.labels[i] in heldout for i in keep])
-            zs: dict[str, Any] = {"num_classes": len(classes), "num_templates": len(templates)}
-            for name, mask in (("all", torch.ones_like(is_heldout)), ("heldout", is_heldout),
-                               ("seen", ~is_heldout)):
-                if mask.any():
-                    zs[name] = {**topk_accuracy(img[mask], weights, targets[mask]), "n": int(mask.sum())}
-            result["zeroshot"] = zs
+            weights = class_embeddings(model, tokenizer, labelled.classes, labelled.templates, device, across_ranks)
+            result["zeroshot"] = {"num_classes": len(labelled.classes), "num_templates": len(labelled.templates),
+                                  **zeroshot_by_subset(img, weights, labelled)}
         if ecfg.linear_probe:
-            result["linear_probe"] = linear_probe(img, targets, seed=cfg.seed, across_ranks=across_ranks)
+            result["linear_probe"] = linear_probe(img, labelled.targets, seed=cfg.seed, across_ranks=across_ranks)
     return result

@@ -12,20 +12,24 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib import ticker  # noqa: E402
 
 
-def metric_series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """``(steps, values)`` of ``key``; rows where it is null (a non-finite value, logged as null) are left out."""
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+def metric_series(rows: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[int], list[float]]:
+    """``(x values, values)`` of ``key``; rows where it is null (a non-finite value, logged as null) are left
+    out."""
+    pts = [(r[x], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and x in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def curve_figure(rows: list[dict[str, Any]], keys: list[str], ylabel: str, title: str, logy: bool) -> plt.Figure:
-    """One panel of training curves: every key in ``keys`` against the step."""
+def curve_figure(rows: list[dict[str, Any]], keys: list[str], ylabel: str, title: str, logy: bool,
+                 x: str = "step") -> plt.Figure:
+    """One panel of training curves: every key in ``keys`` against ``x`` (the step, or samples seen)."""
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     for key in keys:
-        steps, values = metric_series(rows, key)
+        steps, values = metric_series(rows, key, x)
         # a short run has few log rows: mark them, a line alone hides how few there are
         ax.plot(steps, values, label=key, linewidth=1.2, marker="o" if len(steps) <= 30 else None, markersize=3)
-    ax.set_xlabel("step")
+    ax.set_xlabel(x.replace("_", " "))
+    if x == "samples_seen":
+        ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))  # 150k, not 150000
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if logy and all(v > 0 for k in keys for v in metric_series(rows, k)[1]):
@@ -41,18 +45,21 @@ def curve_figure(rows: list[dict[str, Any]], keys: list[str], ylabel: str, title
 
 
 def plot_curves(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """``loss.png`` (every loss term), ``temperature.png`` and ``lr.png`` from metrics.jsonl rows."""
+    """``loss.png`` (every loss term), ``temperature.png``, ``lr.png`` and, with periodic evaluation,
+    ``zeroshot.png`` (top-1 against samples seen) from metrics.jsonl rows."""
     written = []
     terms = sorted({k for r in rows for k in r if k.startswith("loss/")})
     loss_keys = ["loss", *terms] if len(terms) > 1 else ["loss"]  # one term is the total: draw it once
-    panels = [("loss.png", loss_keys, "loss", "Training loss", True),
-              ("temperature.png", ["temperature"], "temperature", "Temperature (1 / logit scale)", True),
-              ("lr.png", ["lr"], "learning rate", "Learning rate schedule", False)]
-    for name, keys, ylabel, title, logy in panels:
+    panels = [("loss.png", loss_keys, "loss", "Training loss", True, "step"),
+              ("temperature.png", ["temperature"], "temperature", "Temperature (1 / logit scale)", True, "step"),
+              ("lr.png", ["lr"], "learning rate", "Learning rate schedule", False, "step"),
+              ("zeroshot.png", [f"zeroshot/{s}" for s in ("heldout", "seen", "all")], "top-1",
+               "Zero-shot top-1 during training", False, "samples_seen")]
+    for name, keys, ylabel, title, logy, x in panels:
         present = [k for k in keys if metric_series(rows, k)[0]]
         if not present:
             continue
-        fig = curve_figure(rows, present, ylabel, title, logy)
+        fig = curve_figure(rows, present, ylabel, title, logy, x)
         fig.savefig(out_dir / name)
         plt.close(fig)
         written.append(out_dir / name)

@@ -66,6 +66,16 @@ def write_report(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any
         for direction in ("image_to_text", "text_to_image"):
             lines.append(f"| {direction} | " + " | ".join(f"{ret[direction][k]:.4f}" for k in ks) + " |")
         lines.append("")
+    curve = result.get("zeroshot_during_training")
+    if curve:
+        track = "held-out" if "heldout" in curve else "overall"
+        reached = curve["samples_to_threshold"]
+        lines += ["## Zero-shot during training", "",
+                  f"Evaluated {len(curve['step'])} times (`eval.every_steps`). {track.capitalize()} top-1 "
+                  + (f"first reached {curve['threshold']:g} after {reached:,} training samples."
+                     if reached is not None else f"never reached {curve['threshold']:g} (last: "
+                     f"{curve.get('heldout', curve['all'])[-1]:.4f})."), "",
+                  "![zero-shot top-1 during training](zeroshot.png)", ""]
     lp = result.get("linear_probe")
     if lp:
         lines += ["## Linear probe", "",

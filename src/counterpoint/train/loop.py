@@ -46,6 +46,7 @@ from counterpoint.evaluate.inputs import (
     resolve_eval_inputs,
     with_resolved_inputs,
 )
+from counterpoint.evaluate.periodic import PeriodicZeroShot, zeroshot_curve
 from counterpoint.evaluate.runner import evaluate_model
 from counterpoint.models.presets import ModelSpec, resolve_spec
 from counterpoint.models.two_tower import TwoTower
@@ -194,6 +195,9 @@ def check_data_paths(cfg: RunConfig) -> EvalInputs:
     if not cfg.data.stream.sources:
         detect_format(cfg.data.train)
     inputs = resolve_eval_inputs(cfg)
+    if cfg.eval.every_steps and not inputs.zeroshot:
+        raise UserError("eval.every_steps needs labelled zero-shot images: set data.zeroshot (and data.classes), "
+                        "or eval.every_steps=0")
     check_eval_inputs(cfg, inputs)
     return inputs
 
@@ -383,6 +387,11 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     peak_gflops = ctx.mean({"peak": matmul_peak_gflops(device)})["peak"] * ctx.world_size
     flops_per_step: float | None = None
 
+    # the labelled images are read once, now; only the main process evaluates (the weights are the same on all)
+    periodic = (PeriodicZeroShot(cfg, spec.image_size, tokenizer) if cfg.eval.every_steps and ctx.is_main
+                else None)
+    every = cfg.eval.every_steps
+
     par.module.train()
     log = open(run_dir / "metrics.jsonl", "a") if ctx.is_main else None
     bar = tqdm(total=(end_step - start_step) * bs, unit=" samples", unit_scale=True, desc="train",
@@ -413,7 +422,8 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                     nonfinite_steps += 1
                 bar.update(bs)
                 done = step + 1
-                if done % cfg.train.log_every == 0 or done == end_step or not finite:
+                evaluating = every > 0 and (done % every == 0 or done == end_step)
+                if done % cfg.train.log_every == 0 or done == end_step or not finite or evaluating:
                     # the mean of the ranks' local losses is the global-batch loss
                     values = ctx.mean({"loss": sum(float(v.detach()) for v in losses.values()),
                                        **{f"loss/{k}": float(v.detach()) for k, v in losses.items()}, **metrics})
@@ -429,11 +439,17 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                         row["grad_norm"] = as_float(grad_norm)
                     if nonfinite_steps:
                         row["nonfinite_steps"] = nonfinite_steps
+                    if evaluating and periodic is not None:
+                        row.update(periodic(model, device))
+                        now = time.perf_counter()  # the evaluation's time is not the next interval's training
                     t_last, last_logged = now, done
                     if log is not None:
                         log.write(json_line(row))
                         log.flush()
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row.get('temperature', 0):.3f}")
+                    shown = {"loss": f"{row['loss']:.3f}", "T": f"{row.get('temperature', 0):.3f}"}
+                    if "zeroshot/heldout" in row:
+                        shown["zs_heldout"] = f"{row['zeroshot/heldout']:.3f}"
+                    bar.set_postfix(shown)
                 if not finite and cfg.train.on_nonfinite == "stop":
                     raise UserError(f"step {done}: the loss or the gradient is not finite (NaN or infinite), so the "
                                     f"update was not applied; lower train.lr, check the data, or set "
@@ -516,6 +532,9 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
     compute = compute_summary(rows)
     if compute:
         result["compute"] = compute
+    curve = zeroshot_curve(rows)
+    if curve:
+        result["zeroshot_during_training"] = curve
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.eval.imagine > 0:
         imagine_class_prompts(model, tokenizer, cfg, out_dir, result)
