@@ -150,7 +150,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(small_world: Path, t
     from tests.test_task_contract import _losses, _state
 
     def config(out: str):
-        cfg = tiny_config(small_world, tmp_path / out, evaluate=False, batch_size=32, max_steps=20,
+        cfg = tiny_config(small_world, tmp_path / out, evaluate=False, batch_size=32, max_steps=12,
                           checkpoint_every=1, keep_checkpoints=2, threads=1)
         cfg.objective = BriVLConfig(queue_size=128)
         return cfg
