@@ -1,8 +1,16 @@
 """Run a test function in N real processes (``torch.multiprocessing`` spawn, gloo on CPU, localhost TCP).
 
-``run_distributed(fn, world_size, *args)`` starts ``world_size`` fresh interpreters, joins them into one gloo
+``run_distributed(fn, world_size, *args)`` starts ``world_size`` processes, joins them into one gloo
 process group via ``init_method="tcp://127.0.0.1:<free port>"``, calls ``fn(rank, world_size, *args)`` in each
-and returns the list of their return values, ordered by rank. Results travel as ``torch.save`` files in a
+and returns the list of their return values, ordered by rank.
+
+``launch_ranks(argv)`` runs ``counterpoint ARGV`` in 2 processes with the environment torchrun gives its
+workers (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...), so the code under test takes exactly its torchrun
+path. The processes are forked from the test process rather than started as new interpreters by torchrun's
+launcher: a fresh interpreter spends seconds importing torch, and three of them per test (launcher and two
+ranks) were a third of the suite's time. Tests of torchrun itself (restarts, the README's commands) still use
+the real launcher. Forking is safe here: the parent runs torch with one thread (no OpenMP pool to inherit)
+and each child sets one thread before it computes. Results travel as ``torch.save`` files in a
 temporary directory (tensors, dicts, numbers). A worker exception fails the caller with the worker's
 traceback; a worker that hangs (e.g. a collective its peer never joins) is killed after ``timeout`` seconds
 and the call raises ``TimeoutError``. ``fn`` and ``args`` must be picklable: define ``fn`` at module level.
@@ -10,8 +18,11 @@ and the call raises ``TimeoutError``. ``fn`` and ``args`` must be picklable: def
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -25,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessContext, ProcessException
 
-__all__ = ["free_port", "run_distributed"]
+__all__ = ["free_port", "launch_ranks", "run_distributed"]
 
 
 def free_port() -> int:
@@ -71,7 +82,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     for attempt in range(3):
         with tempfile.TemporaryDirectory(prefix="cp-dist-") as out_dir:
             ctx = mp.start_processes(_worker, args=(fn, world_size, free_port(), out_dir, timeout, args),
-                                     nprocs=world_size, join=False, start_method="spawn")
+                                     nprocs=world_size, join=False, start_method="fork")
             deadline = time.monotonic() + timeout
             try:
                 while not ctx.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=2.0):
@@ -88,3 +99,53 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 raise RuntimeError(f"a worker running {fn.__name__} failed:{errors or e}") from None
             return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
     raise AssertionError("unreachable")
+
+
+def _rank_main(rank: int, world_size: int, port: int, argv: list[str], env: dict[str, str], logs: Path) -> None:
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT="0")
+    out, err = open(logs / f"rank{rank}.out", "w"), open(logs / f"rank{rank}.err", "w")  # noqa: SIM115
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    sys.stdout, sys.stderr = out, err
+    code = 1
+    try:
+        torch.set_num_threads(1)
+        from counterpoint.cli import main
+
+        code = main(argv)
+    except BaseException:  # noqa: BLE001  (reported in the log, then the process exits with 1)
+        traceback.print_exc()
+    finally:
+        out.flush()
+        err.flush()
+        os._exit(code)
+
+
+def launch_ranks(argv: list[str], logs: Path, env: dict[str, str] | None = None, world_size: int = 2,
+                 timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """``counterpoint ARGV`` in ``world_size`` forked processes with torchrun's worker environment; returns
+    their stdout and stderr, rank after rank. Fails the test with the ranks' output if one of them exits
+    non-zero or they do not finish within ``timeout`` seconds."""
+    logs.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, list(argv), dict(env or {}), logs))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join(5)
+    out = "".join((logs / f"rank{r}.out").read_text() for r in range(world_size))
+    err = "".join(f"-- rank {r}:\n" + (logs / f"rank{r}.err").read_text() for r in range(world_size))
+    codes = [p.exitcode for p in procs]
+    assert not hung and codes == [0] * world_size, f"ranks exited {codes}{' (timed out)' if hung else ''}:\n" \
+        f"{out[-3000:]}\n{err[-6000:]}"
+    return subprocess.CompletedProcess(["counterpoint", *argv], 0, out, err)

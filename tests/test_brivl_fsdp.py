@@ -20,12 +20,12 @@ def test_fsdp_shards_both_tower_copies_and_matches_one_process(tmp_path: Path) -
     from counterpoint.data.make_world import make_world
     from counterpoint.data.world import WorldConfig
     from tests.test_task_contract import _config, _losses, _state
-    from tests.test_train_distributed import torchrun
+    from tests.test_train_distributed import two_ranks
 
     world = tmp_path / "world"
     make_world(world, WorldConfig(seed=4), "wds", train=128, test=32, zeroshot=64, progress=False)
     one = train(_config(world, tmp_path / "one", "brivl"))
-    torchrun(_config(world, tmp_path / "fsdp", "brivl", parallel="fsdp"), tmp_path)
+    two_ranks(_config(world, tmp_path / "fsdp", "brivl", parallel="fsdp"), tmp_path)
     for (s1, x), (s2, y) in zip(_losses(one), _losses(tmp_path / "fsdp"), strict=True):
         assert s1 == s2 and abs(x - y) <= 1e-5, (s1, x, y)
     a, b = _state(one), _state(tmp_path / "fsdp")

@@ -18,7 +18,7 @@ from counterpoint.data.streaming import build_loader
 from counterpoint.data.world import WorldConfig
 from counterpoint.train.distributed import FAULT_ENV
 from counterpoint.train.loop import train
-from tests.test_train_distributed import _config, _losses, _weights, assert_moved, torchrun
+from tests.test_train_distributed import _config, _losses, _weights, assert_moved, torchrun, two_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -62,7 +62,7 @@ def test_streamed_run_resumes_mid_epoch_after_a_kill(world: Path, shards: Path, 
     uninterrupted run's bitwise (so it trained on the same batches). Each checkpoint stores the loader position
     of its step, and the plan those loaders follow covers every sample of the epoch once."""
     full = tmp_path / "full"
-    torchrun(_stream_config(world, shards, full, checkpoint_every=1, keep_checkpoints=10), tmp_path)
+    two_ranks(_stream_config(world, shards, full, checkpoint_every=1, keep_checkpoints=10), tmp_path)
     marker = tmp_path / "died"
     cfg = _stream_config(world, shards, tmp_path / "faulty", checkpoint_every=2)
     torchrun(cfg, tmp_path, env={FAULT_ENV: f"1:3:{marker}"}, restarts=1)
@@ -101,7 +101,7 @@ def test_streamed_skips_are_summed_over_ranks(world: Path, shards: Path, tmp_pat
                 dst.addfile(m, io.BytesIO(payload))
     (damaged / "shard-000008.tar").write_bytes(b"garbage, not a tar" * 40)
     one = train(_stream_config(world, damaged, tmp_path / "one", max_steps=4))  # one epoch: 4 steps of 32
-    torchrun(_stream_config(world, damaged, tmp_path / "two", max_steps=4), tmp_path)
+    two_ranks(_stream_config(world, damaged, tmp_path / "two", max_steps=4), tmp_path)
     skipped = [json.loads((run / "data.json").read_text())["train"]["skipped"] for run in (one, tmp_path / "two")]
     assert skipped[0]["by_reason"] == {"corrupt_image": 8, "corrupt_shard": 1}
     assert skipped[1]["by_reason"] == skipped[0]["by_reason"]

@@ -28,7 +28,7 @@ from counterpoint.train import checkpoint as ckpt
 from counterpoint.train.distributed import FAULT_ENV
 from counterpoint.train.loop import train
 from tests.conftest import tiny_config
-from tests.test_train_distributed import torchrun
+from tests.test_train_distributed import two_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS = 4
@@ -114,7 +114,7 @@ def test_two_processes_equal_one(reference, world: Path, tmp_path: Path) -> None
     """Under torchrun with 2 processes (each half of every global batch), losses and state match one process
     to 1e-5."""
     task, run = reference
-    torchrun(_config(world, tmp_path / "two", task), tmp_path)
+    two_ranks(_config(world, tmp_path / "two", task), tmp_path)
     for (s1, x), (s2, y) in zip(_losses(run), _losses(tmp_path / "two"), strict=True):
         assert s1 == s2 and abs(x - y) <= 1e-5, (task, s1, x, y)
     a, b = _state(run), _state(tmp_path / "two")

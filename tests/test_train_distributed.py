@@ -26,6 +26,7 @@ from counterpoint.data.world import WorldConfig
 from counterpoint.train.distributed import FAULT_ENV
 from counterpoint.train.loop import train
 from tests.conftest import tiny_config
+from tests.dist_utils import launch_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -67,6 +68,14 @@ def torchrun(cfg, tmp_path: Path, *overrides: str, env: dict[str, str] | None = 
     return proc
 
 
+def two_ranks(cfg, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``counterpoint train`` in 2 processes with torchrun's worker environment (``dist_utils.launch_ranks``:
+    the processes are forked, not started by torchrun's launcher, which costs seconds of imports)."""
+    recipe = tmp_path / f"{Path(cfg.out_dir).name}.yaml"
+    save_config(cfg, recipe)
+    return launch_ranks(["train", str(recipe)], tmp_path / f"{Path(cfg.out_dir).name}-logs")
+
+
 def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
@@ -98,7 +107,7 @@ def clip_runs(world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     """One process, and 2 processes under DDP, on the same global batches (InfoNCE)."""
     tmp = tmp_path_factory.mktemp("clip_runs")
     one = train(_config(world, tmp / "one", keep_checkpoints=10, checkpoint_every=1))
-    torchrun(_config(world, tmp / "ddp"), tmp)
+    two_ranks(_config(world, tmp / "ddp"), tmp)
     return {"one": one, "ddp": tmp / "ddp", "tmp": tmp}
 
 
@@ -123,7 +132,7 @@ def test_fsdp_matches_ddp_and_evaluates(world: Path, clip_runs: dict[str, Path],
     """FSDP2 (sharded parameters and Adam state, full-state checkpoint gathered to rank 0) trains the same
     model as DDP; rank 0 writes the evaluation of the full weights."""
     cfg = _config(world, tmp_path / "fsdp", evaluate=True, parallel="fsdp")
-    proc = torchrun(cfg, tmp_path)
+    proc = two_ranks(cfg, tmp_path)
     assert_same_run(clip_runs["ddp"], tmp_path / "fsdp", atol=1e-5)
     result = json.loads((tmp_path / "fsdp" / "eval.json").read_text())
     assert {"zeroshot", "retrieval", "linear_probe"} <= result.keys() and result["retrieval"]["n"] == 40
@@ -148,7 +157,7 @@ def test_checkpoint_from_two_processes_resumes_in_one(world: Path, clip_runs: di
     one process and ends where the 2-process run did."""
     tmp = clip_runs["tmp"]
     cfg = _config(world, tmp / "switch", checkpoint_every=2, max_steps=4)
-    torchrun(cfg, tmp)
+    two_ranks(cfg, tmp)
     cfg.train.max_steps = None
     resumed = train(cfg, resume=True)
     assert_same_run(resumed, clip_runs["ddp"], atol=1e-5)
