@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessContext, ProcessException
 
-__all__ = ["free_port", "launch_ranks", "run_distributed"]
+__all__ = ["free_port", "launch_ranks", "run_distributed", "start_cli"]
 
 
 def free_port() -> int:
@@ -101,12 +101,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     raise AssertionError("unreachable")
 
 
-def _rank_main(rank: int, world_size: int, port: int, argv: list[str], env: dict[str, str], logs: Path) -> None:
+def _cli_main(argv: list[str], env: dict[str, str], out_path: Path, err_path: Path) -> None:
     os.environ.update(env)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT="0")
-    out, err = open(logs / f"rank{rank}.out", "w"), open(logs / f"rank{rank}.err", "w")  # noqa: SIM115
+    out, err = open(out_path, "w"), open(err_path, "w")  # noqa: SIM115  (closed by the process's exit)
     os.dup2(out.fileno(), 1)
     os.dup2(err.fileno(), 2)
     sys.stdout, sys.stderr = out, err
@@ -124,18 +121,29 @@ def _rank_main(rank: int, world_size: int, port: int, argv: list[str], env: dict
         os._exit(code)
 
 
+def start_cli(argv: list[str], logs: Path, env: dict[str, str] | None = None,
+              name: str = "cli") -> multiprocessing.Process:
+    """``counterpoint ARGV`` in a process forked from this one (started, not waited for); its stdout and
+    stderr go to ``logs/NAME.out`` and ``logs/NAME.err``. ``kill()`` is a SIGKILL, as for any process."""
+    logs.mkdir(parents=True, exist_ok=True)
+    proc = multiprocessing.get_context("fork").Process(
+        target=_cli_main, args=(list(argv), dict(env or {}), logs / f"{name}.out", logs / f"{name}.err"))
+    proc.start()
+    return proc
+
+
 def launch_ranks(argv: list[str], logs: Path, env: dict[str, str] | None = None, world_size: int = 2,
                  timeout: float = 300.0) -> subprocess.CompletedProcess:
     """``counterpoint ARGV`` in ``world_size`` forked processes with torchrun's worker environment; returns
     their stdout and stderr, rank after rank. Fails the test with the ranks' output if one of them exits
     non-zero or they do not finish within ``timeout`` seconds."""
-    logs.mkdir(parents=True, exist_ok=True)
-    ctx = multiprocessing.get_context("fork")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, list(argv), dict(env or {}), logs))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
+    procs = []
+    for rank in range(world_size):
+        worker_env = {**(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                      "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0"}
+        procs.append(start_cli(argv, logs, worker_env, name=f"rank{rank}"))
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))

@@ -138,15 +138,12 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(small_world: Path, t
     """A BriVL run is SIGKILLed twice at random moments while it trains (inside a step, while writing a
     checkpoint every step, while rotating old ones) and resumed each time; it ends with the weights, momentum
     towers, queues and per-step losses of the run that was never interrupted."""
-    import os
     import random
     import signal
-    import subprocess
-    import sys
     import time
 
-    import counterpoint
     from counterpoint.config import save_config
+    from tests.dist_utils import start_cli
     from tests.test_task_contract import _losses, _state
 
     def config(out: str):
@@ -158,31 +155,29 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(small_world: Path, t
     reference = train(config("reference"))
     run = tmp_path / "killed"
     save_config(config("killed"), tmp_path / "recipe.yaml")
-    src = str(Path(counterpoint.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     rng = random.Random(7)
     kills = 0
-    for _ in range(10):
+    for attempt in range(10):
         started = (run / "checkpoints" / "latest").exists()
-        proc = subprocess.Popen([sys.executable, "-m", "counterpoint.cli", "train", str(tmp_path / "recipe.yaml"),
-                                 "--resume" if started else "--overwrite"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = start_cli(["train", str(tmp_path / "recipe.yaml"), "--resume" if started else "--overwrite"],
+                         tmp_path / "logs", name=f"attempt{attempt}")
         if kills < 2:
             logged = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
             deadline = time.monotonic() + 120
-            while proc.poll() is None and time.monotonic() < deadline:  # wait until it trains a new step
+            while proc.is_alive() and time.monotonic() < deadline:  # wait until it trains a new step
                 if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") > logged:
                     break
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.3))  # then a random moment within the next few steps
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
+            if proc.is_alive():
+                proc.kill()  # SIGKILL
                 kills += 1
-        _, err = proc.communicate(timeout=300)
-        if proc.returncode == 0:
+        proc.join(300)
+        err = (tmp_path / "logs" / f"attempt{attempt}.err").read_text()
+        if proc.exitcode == 0:
             break
-        assert proc.returncode == -signal.SIGKILL, err[-2000:]
-    assert kills == 2 and proc.returncode == 0, err[-2000:]
+        assert proc.exitcode == -signal.SIGKILL, err[-2000:]
+    assert kills == 2 and proc.exitcode == 0, err[-2000:]
     assert _losses(run) == _losses(reference)
     a, b = _state(reference), _state(run)
     assert a.keys() == b.keys() and any(k.startswith("task/") and "queue" in k for k in a)

@@ -8,9 +8,6 @@ A new task gets all of this by registering; its own tests only pin down its math
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +25,7 @@ from counterpoint.train import checkpoint as ckpt
 from counterpoint.train.distributed import FAULT_ENV
 from counterpoint.train.loop import train
 from tests.conftest import tiny_config
+from tests.dist_utils import start_cli
 from tests.test_train_distributed import two_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -91,18 +89,15 @@ def test_trains_and_logs_every_step(reference) -> None:
 
 
 def test_resumes_bit_exactly_after_a_kill(reference, world: Path, tmp_path: Path) -> None:
-    """The process dies abruptly at step 3 (after the step-2 checkpoint); --resume ends bitwise where the
-    uninterrupted run did, task state (momentum towers, queues) included."""
+    """The process (forked, see ``dist_utils``) dies abruptly at step 3 (after the step-2 checkpoint);
+    --resume ends bitwise where the uninterrupted run did, task state (momentum towers, queues) included."""
     task, run = reference
     cfg = _config(world, tmp_path / "killed", task)
     recipe = tmp_path / "recipe.yaml"
     save_config(cfg, recipe)
-    src = str(Path(counterpoint.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-           FAULT_ENV: f"0:3:{tmp_path / 'died'}"}
-    proc = subprocess.run([sys.executable, "-m", "counterpoint.cli", "train", str(recipe)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and (tmp_path / "died").exists(), proc.stderr[-2000:]
+    proc = start_cli(["train", str(recipe)], tmp_path / "logs", {FAULT_ENV: f"0:3:{tmp_path / 'died'}"})
+    proc.join(300)
+    assert proc.exitcode == 1 and (tmp_path / "died").exists(), (tmp_path / "logs" / "cli.err").read_text()[-2000:]
     assert json.loads((ckpt.resolve_checkpoint(tmp_path / "killed") / "state.json").read_text())["step"] == 2
     train(cfg, resume=True)
     assert _losses(tmp_path / "killed") == _losses(run)
