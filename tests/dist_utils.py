@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessContext, ProcessException
 
-__all__ = ["free_port", "launch_ranks", "run_distributed", "start_cli"]
+__all__ = ["free_port", "launch_ranks", "run_cli", "run_distributed", "start_cli"]
 
 
 def free_port() -> int:
@@ -130,6 +130,18 @@ def start_cli(argv: list[str], logs: Path, env: dict[str, str] | None = None,
         target=_cli_main, args=(list(argv), dict(env or {}), logs / f"{name}.out", logs / f"{name}.err"))
     proc.start()
     return proc
+
+
+def run_cli(argv: list[str], logs: Path, env: dict[str, str] | None = None, name: str = "cli",
+            timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """``counterpoint ARGV`` in a forked process, waited for: its exit code, stdout and stderr."""
+    proc = start_cli(argv, logs, env, name)
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+    return subprocess.CompletedProcess(["counterpoint", *argv], proc.exitcode, (logs / f"{name}.out").read_text(),
+                                       (logs / f"{name}.err").read_text())
 
 
 def launch_ranks(argv: list[str], logs: Path, env: dict[str, str] | None = None, world_size: int = 2,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -237,14 +235,15 @@ def test_cli_bad_option_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Captur
     assert err == "counterpoint: error: data av-features: frames must be >= 1, got 0\n"
 
 
-def test_cli_missing_root_exits_2_without_traceback(tmp_path: Path) -> None:
+def test_cli_missing_root_exits_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from counterpoint.cli import main
+
     missing = tmp_path / "no_such_dataset"
-    proc = subprocess.run([sys.executable, "-m", "counterpoint.cli", "data", "av-features", str(missing),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    assert main(["data", "av-features", str(missing), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("counterpoint: error: audio-visual data root")
-    assert str(missing) in lines[0] and "Traceback" not in proc.stderr
+    assert str(missing) in lines[0] and "Traceback" not in err
     assert not (tmp_path / "out.safetensors").exists()
 
 

@@ -5,8 +5,6 @@ checkpoint), the comparison command in a real process, and config errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +21,11 @@ from counterpoint.train import balance_loop
 from counterpoint.train.balance_config import load_balance_config
 from counterpoint.train.balance_loop import build_run_model, selection_score, train_balance
 from counterpoint.train.checkpoint import load_model_weights
+from tests.dist_utils import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_AV = ["data.av_world.train=96", "data.av_world.val=48", "data.av_world.test=48"]
 TINY_MODEL = ["model.dim=8", "model.encoders.audio.widths=[4]", "model.encoders.audio.depths=[1]",
               "model.encoders.visual.widths=[4]", "model.encoders.visual.depths=[1]",
@@ -172,13 +172,13 @@ def test_config_errors_are_one_line_exit_2(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_compare_command_in_a_real_process(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    args = [sys.executable, "-m", "counterpoint.cli", "balance", "compare", "configs/balance_av.yaml",
+    """The command in its own (forked) process: runs of every method and seed, the summary, reuse."""
+    args = ["balance", "compare", str(ROOT / "configs/balance_av.yaml"),
             f"out_dir={out}", "compare.seeds=[0,1]",
             "compare.methods=[{name: joint}, {name: unimodal}, {name: mmpareto, gamma: 1.0, label: mmp1}]",
             *TINY_AV, *TINY_MODEL[:5], "train.epochs=1", "train.batch_size=32", "train.progress=false",
             "train.precise_bn_batches=1"]
-    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_cli(args, tmp_path / "logs", name="first")
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "compare.json").read_text())
     assert list(summary["methods"]) == ["joint", "unimodal", "mmp1"]
@@ -197,7 +197,7 @@ def test_compare_command_in_a_real_process(tmp_path: Path) -> None:
     assert (out / "compare_accuracy.png").is_file() and (out / "compare_cosine.png").is_file()
     # Run again: the finished runs of the same config are reused (not retrained), a changed config is not.
     stamp = (out / "joint-seed0" / "eval.json").stat().st_mtime_ns
-    assert subprocess.run(args, capture_output=True, timeout=300, env=env).returncode == 0
+    assert run_cli(args, tmp_path / "logs", name="again").returncode == 0
     assert (out / "joint-seed0" / "eval.json").stat().st_mtime_ns == stamp
-    changed = subprocess.run([*args, "train.lr=0.03"], capture_output=True, text=True, timeout=300, env=env)
+    changed = run_cli([*args, "train.lr=0.03"], tmp_path / "logs", name="changed")
     assert changed.returncode == 2 and "already holds a run" in changed.stderr

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,7 +76,8 @@ def test_public_api_loads_the_checkpoint(trained_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_damaged_checkpoint_is_a_user_error(trained_run: Path, tmp_path: Path) -> None:
+def test_damaged_checkpoint_is_a_user_error(trained_run: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
     run = tmp_path / "damaged"
@@ -87,10 +86,9 @@ def test_damaged_checkpoint_is_a_user_error(trained_run: Path, tmp_path: Path) -
     (latest / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(CheckpointError, match="damaged"):
         counterpoint.load_checkpoint(run)
-    proc = subprocess.run([sys.executable, "-m", "counterpoint.cli", "eval", str(run)], capture_output=True,
-                          text=True, cwd=ROOT)
-    assert proc.returncode == 2
-    assert "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "Traceback" not in err
     (latest / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="state.json"):
         counterpoint.load_checkpoint(run)
