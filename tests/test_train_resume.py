@@ -31,7 +31,7 @@ def test_resume_replays_the_uninterrupted_run(small_world: Path, tmp_path: Path)
     """Stopped at step 7 by max_steps, between checkpoints; resumed, every step's loss and the final weights are
     those of the run that went straight through (BatchNorm CNN; the ViT and every task: the contract test)."""
     def cfg(out: str, **train_kw: object):
-        c = tiny_config(small_world, tmp_path / out, checkpoint_every=5, **train_kw)
+        c = tiny_config(small_world, tmp_path / out, epochs=1, checkpoint_every=5, **train_kw)
         for k, v in NO_EVAL.items():
             setattr(c.eval, k, v)
         return c
