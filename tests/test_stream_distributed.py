@@ -18,7 +18,7 @@ from counterpoint.data.streaming import build_loader
 from counterpoint.data.world import WorldConfig
 from counterpoint.train.distributed import FAULT_ENV
 from counterpoint.train.loop import train
-from tests.test_train_distributed import _config, _losses, _weights, assert_moved, torchrun, two_ranks
+from tests.test_train_distributed import _config, _losses, _weights, assert_moved, two_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -65,8 +65,11 @@ def test_streamed_run_resumes_mid_epoch_after_a_kill(world: Path, shards: Path, 
     two_ranks(_stream_config(world, shards, full, checkpoint_every=1, keep_checkpoints=10), tmp_path)
     marker = tmp_path / "died"
     cfg = _stream_config(world, shards, tmp_path / "faulty", checkpoint_every=2)
-    torchrun(cfg, tmp_path, env={FAULT_ENV: f"1:3:{marker}"}, restarts=1)
+    # What torchrun --max-restarts does (its own restart is tested in test_train_distributed): the job fails,
+    # then both ranks start again with TORCHELASTIC_RESTART_COUNT=1 and resume by themselves.
+    assert two_ranks(cfg, tmp_path, env={FAULT_ENV: f"1:3:{marker}"}, check=False).returncode != 0
     assert marker.exists()
+    two_ranks(cfg, tmp_path, env={"TORCHELASTIC_RESTART_COUNT": "1"}, logs="restart-logs")
     faulty = tmp_path / "faulty"
     assert _losses(faulty) == _losses(full)
     a, b = _weights(faulty), _weights(full)

@@ -68,12 +68,13 @@ def torchrun(cfg, tmp_path: Path, *overrides: str, env: dict[str, str] | None = 
     return proc
 
 
-def two_ranks(cfg, tmp_path: Path) -> subprocess.CompletedProcess:
+def two_ranks(cfg, tmp_path: Path, env: dict[str, str] | None = None, check: bool = True,
+              logs: str = "logs") -> subprocess.CompletedProcess:
     """``counterpoint train`` in 2 processes with torchrun's worker environment (``dist_utils.launch_ranks``:
     the processes are forked, not started by torchrun's launcher, which costs seconds of imports)."""
     recipe = tmp_path / f"{Path(cfg.out_dir).name}.yaml"
     save_config(cfg, recipe)
-    return launch_ranks(["train", str(recipe)], tmp_path / f"{Path(cfg.out_dir).name}-logs")
+    return launch_ranks(["train", str(recipe)], tmp_path / f"{Path(cfg.out_dir).name}-{logs}", env, check=check)
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
