@@ -22,8 +22,12 @@ from counterpoint.train.loop import train
 from tests.conftest import tiny_config
 
 
+STEPS = 10
+
+
 def _cfg(world: Path, out: Path):
-    return tiny_config(world, out, evaluate=False, epochs=1, checkpoint_every=1000)  # 12 steps, no periodic checkpoint
+    # STEPS steps of 32, no periodic checkpoint
+    return tiny_config(world, out, evaluate=False, epochs=1, batch_size=32, max_steps=STEPS, checkpoint_every=1000)
 
 
 def _signal_after_rows(metrics: Path, rows: int, signum: int) -> threading.Thread:
@@ -65,12 +69,12 @@ def test_a_signal_saves_a_checkpoint_and_resume_replays_the_run(
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     stopped = rows[-1]["step"]
-    assert 3 <= stopped < 12
+    assert 3 <= stopped < STEPS
     assert json.loads((ckpt.resolve_checkpoint(tmp_path / "run") / "state.json").read_text())["step"] == stopped
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 
     assert main(["train", str(recipe), "--resume"]) == 0
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 12
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == STEPS
     a = load_file(ckpt.resolve_checkpoint(reference) / "model.safetensors")
     b = load_file(ckpt.resolve_checkpoint(tmp_path / "run") / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
