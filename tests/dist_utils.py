@@ -1,4 +1,4 @@
-"""Run a test function in N real processes (``torch.multiprocessing`` spawn, gloo on CPU, localhost TCP).
+"""Run a test function, or the CLI, in N real processes (forked; gloo on CPU, localhost TCP).
 
 ``run_distributed(fn, world_size, *args)`` starts ``world_size`` processes, joins them into one gloo
 process group via ``init_method="tcp://127.0.0.1:<free port>"``, calls ``fn(rank, world_size, *args)`` in each
@@ -9,11 +9,12 @@ workers (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...), so the code under test 
 path. The processes are forked from the test process rather than started as new interpreters by torchrun's
 launcher: a fresh interpreter spends seconds importing torch, and three of them per test (launcher and two
 ranks) were a third of the suite's time. Tests of torchrun itself (restarts, the README's commands) still use
-the real launcher. Forking is safe here: the parent runs torch with one thread (no OpenMP pool to inherit)
-and each child sets one thread before it computes. Results travel as ``torch.save`` files in a
-temporary directory (tensors, dicts, numbers). A worker exception fails the caller with the worker's
-traceback; a worker that hangs (e.g. a collective its peer never joins) is killed after ``timeout`` seconds
-and the call raises ``TimeoutError``. ``fn`` and ``args`` must be picklable: define ``fn`` at module level.
+the real launcher. Forking is safe here: each child sets one intra-op thread before it computes, so it never
+enters the thread pool it inherited (no other thread of the parent is needed in the child).
+``run_distributed``'s results travel as ``torch.save`` files in a temporary directory (tensors, dicts,
+numbers). A worker exception fails the caller with the worker's traceback; a worker that hangs (e.g. a
+collective its peer never joins) is killed after ``timeout`` seconds and the call raises ``TimeoutError``.
+``fn`` and ``args`` must be picklable: define ``fn`` at module level.
 """
 
 from __future__ import annotations
