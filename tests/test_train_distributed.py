@@ -133,9 +133,12 @@ def test_fsdp_matches_ddp_and_evaluates(world: Path, clip_runs: dict[str, Path],
     """FSDP2 (sharded parameters and Adam state, full-state checkpoint gathered to rank 0) trains the same
     model as DDP; rank 0 writes the evaluation of the full weights."""
     cfg = _config(world, tmp_path / "fsdp", evaluate=True, parallel="fsdp")
+    cfg.eval.every_steps = 3  # every rank takes part in the periodic zero-shot (the towers gather their shards)
     proc = two_ranks(cfg, tmp_path)
     assert_same_run(clip_runs["ddp"], tmp_path / "fsdp", atol=1e-5)
     result = json.loads((tmp_path / "fsdp" / "eval.json").read_text())
+    assert result["zeroshot_during_training"]["step"] == [3, 6]
+    assert result["zeroshot_during_training"]["all"][-1] == pytest.approx(result["zeroshot"]["all"]["top1"], abs=1e-4)
     assert {"zeroshot", "retrieval", "linear_probe"} <= result.keys() and result["retrieval"]["n"] == 40
     assert proc.stdout.count("report:") == 1  # only rank 0 prints the summary
 

@@ -201,9 +201,6 @@ def _check_ranges(cfg: RunConfig) -> None:
         (0 <= cfg.eval.imagine <= 64, "eval.imagine must be in [0, 64]"),
         (cfg.eval.imagine_steps >= 1, "eval.imagine_steps must be >= 1"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0 (0: evaluate only at the end)"),
-        (cfg.eval.every_steps == 0 or cfg.train.parallel != "fsdp",
-         "eval.every_steps does not work with train.parallel=fsdp (the weights are sharded during training); "
-         "use ddp or set eval.every_steps=0"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (contrastive losses need negatives)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),

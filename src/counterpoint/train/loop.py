@@ -387,9 +387,10 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     peak_gflops = ctx.mean({"peak": matmul_peak_gflops(device)})["peak"] * ctx.world_size
     flops_per_step: float | None = None
 
-    # the labelled images are read once, now; only the main process evaluates (the weights are the same on all)
-    periodic = (PeriodicZeroShot(cfg, spec.image_size, tokenizer) if cfg.eval.every_steps and ctx.is_main
-                else None)
+    # The labelled images are read once, now. The main process evaluates (the weights are the same on every
+    # rank); under FSDP2 every rank takes part, as the towers' forward gathers the sharded weights.
+    periodic = (PeriodicZeroShot(cfg, spec.image_size, tokenizer)
+                if cfg.eval.every_steps and (ctx.is_main or par.fsdp) else None)
     every = cfg.eval.every_steps
 
     par.module.train()
