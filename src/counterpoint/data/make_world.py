@@ -12,17 +12,17 @@ Layout of ``OUT``::
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from counterpoint.data.parallel import process_pool
 from counterpoint.data.world import PROMPT_TEMPLATES, World, WorldConfig, WorldSample
 from counterpoint.data.writers import Format, Record, ShardWriter, write_records, write_sizes
 from counterpoint.errors import DataError
@@ -60,10 +60,8 @@ def _write_split(world: World, split: str, n: int, out: Path, fmt: Format, image
     if fmt != "wds" or workers <= 1:
         write_records(_records(world, split, n, with_audio, progress), out, fmt, image_format, SAMPLES_PER_SHARD)
         return
-    # fork where there is one: the workers need no fresh interpreter (no torch, no threads, only numpy and PIL)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     sizes: dict[str, int] = {}
-    with (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool,
+    with (process_pool(workers) as pool,
           tqdm(total=n, desc=f"world/{split}", unit=" samples", disable=not progress, leave=False) as bar):
         jobs = [pool.submit(_write_shard, world.cfg, split, shard, n, with_audio, out, image_format)
                 for shard in range(shards)]
@@ -116,7 +114,6 @@ def make_world(out: str | Path, cfg: WorldConfig, fmt: Format = "wds", train: in
     workers = workers or os.cpu_count() or 1
     for split, n in (("train", train), ("test", test), ("zeroshot", zeroshot)):
         if n > 0:
-            (out / split).mkdir()
             _write_split(world, split, n, out / split, fmt, image_format, with_audio, workers, progress)
     if stories > 0:
         write_stories(world, stories, out / "stories")

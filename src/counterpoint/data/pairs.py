@@ -7,10 +7,8 @@ function of ``(seed, epoch)``: a resumed run sees exactly the batches an uninter
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +16,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from counterpoint.data.parallel import process_pool
 from counterpoint.data.readers import (
     RawSample,
     SkipStats,
-    decode_members,
     detect_format,
     iter_samples,
-    iter_tar_groups,
+    iter_webdataset,
     tar_files,
     to_square_array,
 )
@@ -65,10 +63,8 @@ class _Chunk:
 
 def _read_shard(tar_path: Path, image_size: int, caption_key: str) -> _Chunk:
     chunk = _Chunk([], [], [], [], SkipStats())
-    for key, members in iter_tar_groups(tar_path, chunk.skips):
-        sample = decode_members(key, members, caption_key, f"{tar_path.name}:{key}", chunk.skips)
-        if sample is not None:
-            chunk.add(sample, image_size)
+    for sample in iter_webdataset(str(tar_path), caption_key, chunk.skips):
+        chunk.add(sample, image_size)
     return chunk
 
 
@@ -77,25 +73,21 @@ def _read_chunks(path: str, image_size: int, caption_key: str, limit: int | None
     """Shards decoded by ``workers`` processes at once, in shard order (so the pairs come in the order one
     process reads them); other formats, one process, or a ``limit``, sample by sample."""
     shards = tar_files(path) if detect_format(path) == "wds" else []
-    workers = min(workers, len(shards))
-    bar = tqdm(desc=desc, unit=" pairs", disable=not progress, leave=False)
-    if workers > 1 and limit is None:
-        # fork: the readers need only PIL and numpy, and a fresh interpreter would import torch first
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-            for chunk in pool.map(_read_shard, shards, [image_size] * len(shards), [caption_key] * len(shards)):
-                bar.update(len(chunk.captions))
-                yield chunk
-        bar.close()
-        return
-    chunk = _Chunk([], [], [], [], SkipStats())
-    for sample in iter_samples(path, chunk.skips, caption_key):
-        chunk.add(sample, image_size)
-        bar.update(1)
-        if limit is not None and len(chunk.captions) >= limit:
-            break
-    bar.close()
-    yield chunk
+    with tqdm(desc=desc, unit=" pairs", disable=not progress, leave=False) as bar:
+        if min(workers, len(shards)) > 1 and limit is None:
+            with process_pool(min(workers, len(shards))) as pool:
+                for chunk in pool.map(_read_shard, shards, [image_size] * len(shards),
+                                      [caption_key] * len(shards)):
+                    bar.update(len(chunk.captions))
+                    yield chunk
+            return
+        chunk = _Chunk([], [], [], [], SkipStats())
+        for sample in iter_samples(path, chunk.skips, caption_key):
+            chunk.add(sample, image_size)
+            bar.update(1)
+            if limit is not None and len(chunk.captions) >= limit:
+                break
+        yield chunk
 
 
 def load_pairs(path: str, image_size: int, caption_key: str = "txt", limit: int | None = None,

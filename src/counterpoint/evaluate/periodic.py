@@ -32,10 +32,8 @@ class PeriodicZeroShot:
     """Zero-shot top-1 of ``model`` on the run's labelled images, per subset."""
 
     def __init__(self, cfg: RunConfig, image_size: int, tokenizer: Tokenizer) -> None:
-        inputs = resolve_eval_inputs(cfg)
-        if not inputs.zeroshot:
-            raise ValueError("no labelled zero-shot images")  # checked by the caller before training
-        self.labelled: LabelledImages = load_labelled(inputs, image_size, cfg.data.caption_key)
+        # data.zeroshot is there: train() checked it before training
+        self.labelled: LabelledImages = load_labelled(resolve_eval_inputs(cfg), image_size, cfg.data.caption_key)
         self.tokenizer = tokenizer
         self.batch_size = cfg.eval.batch_size
 
