@@ -73,7 +73,7 @@ def test_momentum_update_is_the_ema() -> None:
 
 def _task(queue_size: int = 8, **options: object) -> BriVLTask:
     spec = resolve_spec("tiny-vit", embed_dim=16, vocab_size=300, context_length=8)
-    return BriVLTask.build(BriVLConfig(queue_size=queue_size, **options), spec, pad_id=0, eot_id=2)
+    return BriVLTask.build(BriVLConfig(queue_size=queue_size, **options), spec, {"<pad>": 0, "<eot>": 2})
 
 
 def _batch(n: int, seed: int) -> dict[str, torch.Tensor]:

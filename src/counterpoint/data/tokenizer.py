@@ -8,7 +8,7 @@ because the text tower may pool at that position.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -36,12 +36,15 @@ class Tokenizer:
         return self.hf.get_vocab_size()
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 2048, context_length: int = 32) -> Tokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int = 2048, context_length: int = 32,
+              extra_special: Sequence[str] = ()) -> Tokenizer:
+        """A byte-level BPE vocabulary of ``texts``; ``extra_special``: a task's own special tokens (LCL's
+        ``<boi>``, ``<eoi>``, ``<img>``), given ids right after ``<pad> <sot> <eot> <unk>``."""
         hf = HFTokenizer(models.BPE(unk_token=UNK))
         hf.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + list(extra_special),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         hf.train_from_iterator(texts, trainer=trainer)
         return cls(hf, context_length)
@@ -73,6 +76,17 @@ class Tokenizer:
             out[i, 1 : 1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
             out[i, 1 + len(ids)] = self.eot_id
         return out
+
+    def token_id(self, token: str) -> int:
+        """The id of special token ``token``; :class:`CheckpointError` if this vocabulary lacks it."""
+        tid = self.hf.token_to_id(token)
+        if tid is None:
+            raise CheckpointError(f"the tokenizer has no {token} token (it was not trained for this task)")
+        return tid
+
+    def encode_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text without ``<sot>``/``<eot>`` or truncation (to assemble longer sequences)."""
+        return [enc.ids for enc in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: torch.Tensor) -> str:
         keep = [int(t) for t in ids if int(t) not in (self.pad_id, self.sot_id, self.eot_id)]

@@ -11,10 +11,11 @@ from counterpoint.models.layers import Transformer, init_transformer
 
 class VisionTransformer(nn.Module):
     """``image_size`` may be ``(H, W)`` and ``in_channels`` 1, so the same tower encodes spectrograms
-    (AST-style patches of a ``[T, F]`` fbank)."""
+    (AST-style patches of a ``[T, F]`` fbank). ``embed_dim=None`` builds the trunk without the projection, for
+    methods that read the tokens (``forward_tokens``, LCL) and would leave a projection unused."""
 
     def __init__(self, image_size: int | tuple[int, int], patch_size: int, width: int, layers: int, heads: int,
-                 embed_dim: int, mlp_ratio: float = 4.0, pool: str = "cls", in_channels: int = 3) -> None:
+                 embed_dim: int | None, mlp_ratio: float = 4.0, pool: str = "cls", in_channels: int = 3) -> None:
         super().__init__()
         hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if hw[0] % patch_size or hw[1] % patch_size:
@@ -30,7 +31,7 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, mlp_ratio)
         self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, embed_dim, bias=False)
+        self.proj = nn.Linear(width, embed_dim, bias=False) if embed_dim is not None else nn.Identity()
         init_transformer(self, layers)
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ training, exact resume, 2 processes = 1, loading and evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -41,9 +41,10 @@ class Task(nn.Module):
     grad_cache: ClassVar[bool] = False
 
     @classmethod
-    def build(cls, cfg: ObjectiveConfig, spec: Any, pad_id: int, eot_id: int) -> Task:
+    def build(cls, cfg: ObjectiveConfig, spec: Any, token_ids: Mapping[str, int]) -> Task:
         """The task for options ``cfg`` (``cfg.name`` is the registered name) around a fresh model of ``spec``
-        (a ``ModelSpec``), with the tokenizer's padding and end-of-text ids."""
+        (a ``ModelSpec``); ``token_ids``: the tokenizer's ids of ``<pad> <sot> <eot>`` and of the task's own
+        ``special_tokens``."""
         raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor], step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -24,6 +24,7 @@ treated as a further positive (multi-positive InfoNCE) rather than pushed away.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -126,8 +127,9 @@ class BriVLTask(Task):
         self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's keys, enqueued after it
 
     @classmethod
-    def build(cls, cfg: BriVLConfig, spec: ModelSpec, pad_id: int, eot_id: int) -> BriVLTask:
-        return cls(build_model(spec, cfg.temperature, None, pad_id=pad_id, eot_id=eot_id), cfg, spec.embed_dim)
+    def build(cls, cfg: BriVLConfig, spec: ModelSpec, token_ids: Mapping[str, int]) -> BriVLTask:
+        model = build_model(spec, cfg.temperature, None, pad_id=token_ids["<pad>"], eot_id=token_ids["<eot>"])
+        return cls(model, cfg, spec.embed_dim)
 
     @classmethod
     def check_run(cls, cfg: BriVLConfig, global_batch: int) -> None:

@@ -9,6 +9,7 @@ B_local x B_global instead of B^2.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,9 +118,9 @@ class ContrastiveTask(Task):
             model.logit_scale.requires_grad_(False)
 
     @classmethod
-    def build(cls, cfg: ContrastiveConfig, spec: ModelSpec, pad_id: int, eot_id: int) -> ContrastiveTask:
+    def build(cls, cfg: ContrastiveConfig, spec: ModelSpec, token_ids: Mapping[str, int]) -> ContrastiveTask:
         bias = cfg.init_logit_bias if cfg.name == "siglip" else None
-        model = build_model(spec, cfg.init_temperature, bias, pad_id=pad_id, eot_id=eot_id)
+        model = build_model(spec, cfg.init_temperature, bias, pad_id=token_ids["<pad>"], eot_id=token_ids["<eot>"])
         return cls(model, cfg.name, cfg.margin, cfg.chunk_size, cfg.max_logit_scale)
 
     def encoder(self) -> TwoTower:

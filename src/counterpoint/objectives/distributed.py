@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn on every call); older releases have
 # only the old names.
@@ -69,3 +70,28 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
     _all_gather_single(out, x.contiguous())
     return out
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over ranks (no gradient); ``value`` itself outside a process group."""
+    _, world = world_info()
+    if world == 1:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def gather_padded_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All ranks' ``x`` when ranks hold different numbers of rows (LCL: images per rank vary): every block
+    padded to the largest, gathered *with* gradients (see :func:`gather_with_grad`). Returns the gathered
+    ``[world * max_rows, ...]``, the ``[world * max_rows]`` mask of real rows, and this rank's row offset."""
+    rank, world = world_info()
+    if world == 1:
+        return x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), 0
+    counts = torch.empty(world, dtype=torch.long, device=x.device)
+    _all_gather_single(counts, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    rows = int(counts.max())
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
+    valid = (torch.arange(rows, device=x.device)[None, :] < counts[:, None]).flatten()
+    return _AllGatherWithGrad.apply(padded), valid, rank * rows

@@ -11,8 +11,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from counterpoint.config import RunConfig
+from counterpoint.data.interleaved import (
+    DocumentRow,
+    DocumentSet,
+    SequenceLayout,
+    collate_rows,
+    layout_documents,
+    load_documents,
+)
 from counterpoint.data.pairs import PairSet, batch_indices, load_pairs
 from counterpoint.data.readers import SkipStats
 from counterpoint.data.streaming import build_loader, read_captions
@@ -25,12 +34,13 @@ TOKENIZER_CAPTIONS = 100_000  # captions read from the shards to train the token
 MAX_EMPTY_BATCHES = 50  # streamed batches in a row without a usable sample before the run stops
 
 
-def _augment(images: torch.Tensor, cfg: RunConfig, step: int, ctx: DistContext, local: int) -> torch.Tensor:
-    """Per-step shifts drawn for the global batch; this rank applies those of its rows."""
+def _augment(images: torch.Tensor, cfg: RunConfig, step: int, offset: int, total: int) -> torch.Tensor:
+    """Per-step shifts drawn for the global batch's ``total`` images; this rank's images are rows
+    ``offset, offset + 1, ...`` of it."""
     if cfg.train.translate == 0:
         return images
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-    return random_translate(images, cfg.train.translate, gen, offset=ctx.rank * local, total=local * ctx.world_size)
+    return random_translate(images, cfg.train.translate, gen, offset=offset, total=total)
 
 
 class InMemoryBatches:
@@ -49,8 +59,10 @@ class InMemoryBatches:
     def captions(self) -> list[str]:
         return self.pairs.captions
 
-    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
-        self.tokens = tokenizer(self.pairs.captions)  # [N, L], tokenised once for the whole run
+    def set_tokenizer(self, tokenizer: Tokenizer, model: nn.Module) -> None:
+        """Tokenise every caption once for the run (``model``: the model trained, see
+        :meth:`InMemoryDocuments.set_tokenizer`)."""
+        self.tokens = tokenizer(self.pairs.captions)  # [N, L]
 
     def load_state_dict(self, state: dict[str, Any] | None, skipped: dict[str, Any] | None = None) -> None:
         """Nothing to restore: the order is a function of the seed and the step, and the skips are those of
@@ -68,8 +80,55 @@ class InMemoryBatches:
         local = self.cfg.train.batch_size // self.ctx.world_size
         for step, idx in batch_indices(len(self.pairs), self.cfg.train.batch_size, self.cfg.seed, start_step):
             mine = idx[self.ctx.rank * local : (self.ctx.rank + 1) * local]  # contiguous share of the global batch
-            images = _augment(self.pairs.images[mine], self.cfg, step, self.ctx, local)
+            images = _augment(self.pairs.images[mine], self.cfg, step, self.ctx.rank * local,
+                              local * self.ctx.world_size)
             yield {"image": normalize(images.to(device, non_blocking=True)), "text": self.tokens[mine].to(device)}
+
+
+class InMemoryDocuments:
+    """Interleaved documents from ``data.train`` decoded into memory (``counterpoint.data.interleaved``); step
+    ``s`` takes documents of the ``(seed, epoch)`` permutation, as :class:`InMemoryBatches` takes pairs.
+    Ranks take contiguous shares of the global batch's documents, so they hold different numbers of images."""
+
+    def __init__(self, cfg: RunConfig, image_size: int, ctx: DistContext, progress: bool) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.docs: DocumentSet = load_documents(cfg.data.train, image_size, cfg.seed, cfg.data.max_train_samples,
+                                                progress, cfg.data.caption_key)
+        self.steps_per_epoch: int | None = len(self.docs) // cfg.train.batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"'{cfg.data.train}' holds {len(self.docs)} usable documents, fewer than one batch of "
+                            f"{cfg.train.batch_size}; lower train.batch_size")
+        self.rows: list[DocumentRow] = []
+        self.layout: SequenceLayout | None = None
+
+    def captions(self) -> list[str]:
+        return self.docs.texts()
+
+    def set_tokenizer(self, tokenizer: Tokenizer, model: nn.Module) -> None:
+        """Lay every document out once for the run, with as many slots per image as ``model`` reads."""
+        self.layout = SequenceLayout.of(tokenizer, model.image_tokens)
+        self.rows = layout_documents(self.docs.docs, tokenizer, self.layout)
+
+    def load_state_dict(self, state: dict[str, Any] | None, skipped: dict[str, Any] | None = None) -> None:
+        """Nothing to restore (as :meth:`InMemoryBatches.load_state_dict`)."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return {"documents": len(self.docs), "images": len(self.docs.images), "skipped": self.docs.skips.as_dict()}
+
+    def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        local = self.cfg.train.batch_size // self.ctx.world_size
+        for step, idx in batch_indices(len(self.docs), self.cfg.train.batch_size, self.cfg.seed, start_step):
+            rows = [self.rows[i] for i in idx.tolist()]
+            mine = rows[self.ctx.rank * local : (self.ctx.rank + 1) * local]
+            before = sum(len(r.images) for r in rows[: self.ctx.rank * local])  # this rank's first image, globally
+            images = self.docs.images[[i for row in mine for i in row.images]]
+            images = _augment(images, self.cfg, step, before, sum(len(r.images) for r in rows))
+            batch = collate_rows(mine, self.layout)
+            yield {**{k: v.to(device) for k, v in batch.items()},
+                   "images": normalize(images.to(device, non_blocking=True))}
 
 
 class StreamedBatches:
@@ -92,7 +151,7 @@ class StreamedBatches:
         limit = self.cfg.data.max_train_samples or TOKENIZER_CAPTIONS
         return read_captions(self.loader.plan.sources, limit, self.cfg.data.caption_key)
 
-    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+    def set_tokenizer(self, tokenizer: Tokenizer, model: nn.Module) -> None:
         self.tokenizer = tokenizer
 
     def load_state_dict(self, state: dict[str, Any] | None, skipped: dict[str, Any] | None = None) -> None:
@@ -132,7 +191,7 @@ class StreamedBatches:
                                     f"shards are damaged ({dict(self.loader.skips.counts)})")
                 continue
             empty_in_a_row = 0
-            images = _augment(raw["image"][:n], self.cfg, step, self.ctx, local)
+            images = _augment(raw["image"][:n], self.cfg, step, self.ctx.rank * local, local * self.ctx.world_size)
             yield {"image": normalize(images.to(device, non_blocking=True)),
                    "text": self.tokenizer(raw["caption"][:n]).to(device)}
             step += 1
@@ -150,9 +209,15 @@ def data_info(data: InMemoryBatches | StreamedBatches, ctx: DistContext) -> dict
     return info
 
 
-def training_batches(cfg: RunConfig, image_size: int, ctx: DistContext,
-                     progress: bool) -> InMemoryBatches | StreamedBatches:
-    """Streamed when ``data.stream.sources`` names shards, else ``data.train`` in memory."""
+def training_batches(cfg: RunConfig, image_size: int, ctx: DistContext, progress: bool,
+                     kind: str = "pairs") -> InMemoryBatches | InMemoryDocuments | StreamedBatches:
+    """The batch source for a task's data ``kind``: pairs streamed when ``data.stream.sources`` names shards,
+    else ``data.train`` in memory; interleaved documents from ``data.train`` in memory."""
+    if kind == "documents":
+        if cfg.data.stream.sources:
+            raise UserError("streaming interleaved documents is not supported yet; put the documents in "
+                            "data.train (read into memory) and leave data.stream.sources empty")
+        return InMemoryDocuments(cfg, image_size, ctx, progress)
     if cfg.data.stream.sources:
         return StreamedBatches(cfg, image_size, ctx)
     return InMemoryBatches(cfg, image_size, ctx, progress)

@@ -35,6 +35,7 @@ from counterpoint.config import (
     save_config,
     to_dict,
 )
+from counterpoint.data.documents import detect_document_format
 from counterpoint.data.readers import SkipStats, detect_format
 from counterpoint.data.stream_plan import steps_for_samples
 from counterpoint.data.tokenizer import Tokenizer
@@ -96,7 +97,9 @@ def check_architecture(spec: ModelSpec, saved_name: str | None, model: ModelConf
 
 def build_task(objective: ObjectiveConfig, spec: ModelSpec, tokenizer: Tokenizer) -> Task:
     """The registered task ``objective.name`` around a fresh model of ``spec``."""
-    return task_class(objective.name).build(objective, spec, tokenizer.pad_id, tokenizer.eot_id)
+    cls = task_class(objective.name)
+    ids = {token: tokenizer.token_id(token) for token in ("<pad>", "<sot>", "<eot>", *cls.special_tokens)}
+    return cls.build(objective, spec, ids)
 
 
 def objective_from_state(meta: dict[str, Any], folder: Path) -> ObjectiveConfig:
@@ -192,7 +195,9 @@ def check_data_paths(cfg: RunConfig) -> EvalInputs:
     if cfg.train.accum_steps > 1 and not task.grad_cache:
         raise UserError(f"train.accum_steps > 1 (GradCache) is not exact for objective.name={cfg.objective.name}; "
                         f"use train.accum_steps=1 (and train.grad_checkpointing=true for memory)")
-    if not cfg.data.stream.sources:
+    if task.data == "documents":
+        detect_document_format(cfg.data.train)
+    elif not cfg.data.stream.sources:
         detect_format(cfg.data.train)
     inputs = resolve_eval_inputs(cfg)
     if cfg.eval.every_steps and not inputs.zeroshot:
@@ -322,17 +327,20 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     torch.manual_seed(cfg.seed)
     progress = cfg.train.progress and ctx.is_main
 
-    data = training_batches(cfg, spec.image_size, ctx, progress)
+    task_type = task_class(cfg.objective.name)
+    data = training_batches(cfg, spec.image_size, ctx, progress, task_type.data)
     if meta:
         data.load_state_dict(meta.get("data"), meta.get("data_skipped"))
     else:  # trained once and shared, so every rank holds the same vocabulary
-        trained = Tokenizer.train(data.captions(), spec.vocab_size, spec.context_length) if ctx.is_main else None
+        trained = (Tokenizer.train(data.captions(), spec.vocab_size, spec.context_length,
+                                   task_type.special_tokens)
+                   if ctx.is_main else None)
         tokenizer = Tokenizer.from_json(ctx.broadcast(trained.hf.to_str() if trained else None), spec.context_length)
         spec = dataclasses.replace(spec, vocab_size=tokenizer.vocab_size)
-    data.set_tokenizer(tokenizer)
 
     task = build_task(cfg.objective, spec, tokenizer).to(device)
     model = task.encoder()
+    data.set_tokenizer(tokenizer, model)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if meta:  # full weights on every rank, before DDP/FSDP2 take over the parameters
