@@ -32,6 +32,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS = 4
 # Options a task needs to train at the contract's small sizes (e.g. a queue that fits the tiny world).
 TASK_OPTIONS: dict[str, dict[str, object]] = {"siglip": {"init_temperature": 0.1}, "brivl": {"queue_size": 64}}
+# Model settings a task needs: LCL's latents have the causal model's width, and a pair (as a document of an
+# image's 65 slots and its caption) must fit the context.
+MODEL_OPTIONS: dict[str, dict[str, object]] = {"lcl": {"embed_dim": None, "context_length": 112}}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,8 @@ def _config(world: Path, out: Path, task: str, **train_kw: object):
     cfg = tiny_config(world, out, evaluate=False, batch_size=32, threads=1, device="cpu", max_steps=STEPS,
                       checkpoint_every=2, **train_kw)
     cfg.model.name = "tiny-vit"
+    for key, value in MODEL_OPTIONS.get(task, {}).items():
+        setattr(cfg.model, key, value)
     cfg.objective = task_class(task).Config(name=task, **TASK_OPTIONS.get(task, {}))
     return cfg
 
@@ -74,7 +79,7 @@ def reference(request: pytest.FixtureRequest, world: Path, tmp_path_factory: pyt
 def test_every_builtin_task_is_registered() -> None:
     """The contract runs over these; a task that is not registered would escape it."""
     task_class("clip")
-    assert {"clip", "siglip", "margin", "brivl"} <= set(TASKS)
+    assert {"clip", "siglip", "margin", "brivl", "lcl"} <= set(TASKS)
 
 
 def test_trains_and_logs_every_step(reference) -> None:
