@@ -248,6 +248,8 @@ def _print_summary(run_dir: Path) -> None:
                      f"(n={ret['n']})")
     if "linear_probe" in result:
         parts.append(f"linear probe {result['linear_probe']['top1']:.3f}")
+    if "attentive_probe" in result:
+        parts.append(f"attentive probe {result['attentive_probe']['top1']:.3f}")
     skipped = sum(s["total"] for s in result["data"]["skipped"].values())
     met = sum(s.get("occurrences", s["total"]) for s in result["data"]["skipped"].values())
     parts.append(f"{skipped} samples skipped" + (f" (met {met} times)" if met > skipped else ""))

@@ -156,6 +156,7 @@ class EvalConfig:
     zeroshot: bool = True  # zero-shot classification of data.zeroshot with the class prompts
     retrieval: bool = True  # image-text retrieval Recall@K on data.test
     linear_probe: bool = True  # logistic regression on frozen image features of data.zeroshot
+    attentive_probe: bool = False  # a learned attention pooling + linear layer on the frozen image tokens
     recall_at: tuple[int, ...] = (1, 5, 10)  # the K of Recall@K
     batch_size: int = 512  # images or texts embedded at once
     max_retrieval_samples: int | None = None  # use at most this many test pairs (null: all)

@@ -53,6 +53,22 @@ def embed_images(model: TwoTower, images: torch.Tensor, batch_size: int = 512,
 
 
 @torch.no_grad()
+def embed_image_tokens(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512,
+                       device: torch.device | str = "cpu", across_ranks: bool = False) -> torch.Tensor:
+    """``[N, 3, S, S]`` uint8 -> the image tower's tokens ``[N, T, C]`` (``encode_image_tokens``; float32, CPU)."""
+    was_training = model.training
+    model.eval()
+    def tokens(a: int, b: int) -> torch.Tensor:
+        return model.encode_image_tokens(normalize(images[a:b].to(device)))
+
+    shape = tokens(0, 1).shape[1:]
+    # rows of T * C: the gather across ranks assembles 2-d rows
+    flat = _embed_rows(len(images), lambda a, b: tokens(a, b).flatten(1), batch_size, device, across_ranks)
+    model.train(was_training)
+    return flat.view(len(images), *shape)
+
+
+@torch.no_grad()
 def embed_texts(model: TwoTower, tokenizer: Tokenizer, texts: list[str], batch_size: int = 512,
                 device: torch.device | str = "cpu", across_ranks: bool = False) -> torch.Tensor:
     """Texts -> ``[N, D]`` unit embeddings (float32, on CPU)."""

@@ -89,7 +89,7 @@ def resolve_eval_inputs(cfg: RunConfig) -> EvalInputs:
     skipped: dict[str, str] = {}
     if cfg.eval.retrieval and not test:
         skipped["retrieval"] = why("data.test", "test pairs")
-    for what in ("zeroshot", "linear_probe"):
+    for what in ("zeroshot", "linear_probe", "attentive_probe"):
         if getattr(cfg.eval, what) and not zeroshot:
             skipped[what] = why("data.zeroshot", "labelled zero-shot images")
     return EvalInputs(test, zeroshot, classes, skipped)
@@ -137,7 +137,8 @@ def check_eval_inputs(cfg: RunConfig, inputs: EvalInputs) -> None:
     training costs the hour."""
     if inputs.test and cfg.eval.retrieval:
         detect_format(inputs.test)
-    if inputs.zeroshot and (cfg.eval.zeroshot or cfg.eval.linear_probe or cfg.eval.every_steps):
+    if inputs.zeroshot and (cfg.eval.zeroshot or cfg.eval.linear_probe or cfg.eval.attentive_probe
+                            or cfg.eval.every_steps):
         detect_format(inputs.zeroshot)
         if _peek_labels(inputs.zeroshot) == 0:
             raise DataError(f"data.zeroshot '{inputs.zeroshot}' has no labels (a 'label' column, or a 'label' in "

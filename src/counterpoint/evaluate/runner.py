@@ -6,6 +6,9 @@
   in training; ``seen``; ``all``) ``top1``, ``top5`` and ``n``.
 * ``retrieval``: ``n`` pairs, ``image_to_text`` and ``text_to_image`` each with ``R@1``, ``R@5``, ``R@10``.
 * ``linear_probe``: ``top1`` (test), ``val_top1``, chosen ``l2``, ``n_train``, ``n_test``.
+* ``attentive_probe`` (``eval.attentive_probe``): ``top1`` (test), ``val_top1``, the chosen ``epoch``,
+  ``n_train``, ``n_test``.
+* ``skipped_evaluations``: each configured evaluation that did not run, with the reason.
 * ``data``: skipped samples per split: ``{"train": {"total", "by_reason", "examples"}, "test": ..., ...}``.
 * ``step``: the training step evaluated; ``model``: the preset name.
 """
@@ -19,7 +22,8 @@ import torch
 from counterpoint.config import RunConfig
 from counterpoint.data.pairs import load_pairs
 from counterpoint.data.tokenizer import Tokenizer
-from counterpoint.evaluate.embed import embed_images, embed_texts
+from counterpoint.evaluate.attentive_probe import attentive_probe
+from counterpoint.evaluate.embed import embed_image_tokens, embed_images, embed_texts
 from counterpoint.evaluate.inputs import resolve_eval_inputs
 from counterpoint.evaluate.linear_probe import linear_probe
 from counterpoint.evaluate.retrieval import retrieval_metrics
@@ -44,7 +48,10 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
         img = embed_images(model, test.images, ecfg.batch_size, device, across_ranks)
         txt = embed_texts(model, tokenizer, test.captions, ecfg.batch_size, device, across_ranks)
         result["retrieval"] = {"n": len(test), **retrieval_metrics(img, txt, tuple(ecfg.recall_at))}
-    if (ecfg.zeroshot or ecfg.linear_probe) and inputs.zeroshot:
+    if ecfg.attentive_probe and not hasattr(model, "encode_image_tokens"):
+        result.setdefault("skipped_evaluations", {})["attentive_probe"] = "the model has no image tokens"
+    attentive = ecfg.attentive_probe and hasattr(model, "encode_image_tokens")
+    if (ecfg.zeroshot or ecfg.linear_probe or attentive) and inputs.zeroshot:
         labelled = load_labelled(inputs, size, cfg.data.caption_key, progress)
         result["data"]["skipped"]["zeroshot"] = labelled.skips.as_dict()
         result["zeroshot_data"] = {"path": inputs.zeroshot, "classes": inputs.classes or "labels of the images"}
@@ -55,4 +62,7 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
                                   **zeroshot_by_subset(img, weights, labelled)}
         if ecfg.linear_probe:
             result["linear_probe"] = linear_probe(img, labelled.targets, seed=cfg.seed, across_ranks=across_ranks)
+        if attentive:
+            tokens = embed_image_tokens(model, labelled.images, ecfg.batch_size, device, across_ranks)
+            result["attentive_probe"] = attentive_probe(tokens, labelled.targets, seed=cfg.seed)
     return result

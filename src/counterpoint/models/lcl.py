@@ -111,6 +111,10 @@ class LCLModel(nn.Module):
         z, _ = self.image_latents(images)
         return F.normalize(z, dim=-1) if normalize else z
 
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The ViT's tokens ``[M, 1 + P, C]`` before LCL's pooling: what an attentive probe reads."""
+        return self.visual.forward_tokens(images)
+
     def context_embedding(self, states: torch.Tensor) -> torch.Tensor:
         """The contrastive side of the causal state at ``<boi>`` (projected when the model has the head)."""
         return self.context_proj(states) if self.context_proj is not None else states

@@ -31,6 +31,11 @@ class TwoTower(nn.Module):
         z = self.visual(images)
         return F.normalize(z, dim=-1) if normalize else z
 
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's tokens before pooling, ``[B, T, C]`` (ViT: class and patch tokens; CNN: the last
+        feature map's positions): what an attentive probe reads."""
+        return self.visual.forward_tokens(images)
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """``[B, L]`` token ids -> ``[B, D]`` embeddings (unit length if ``normalize``)."""
         z = self.text(tokens)

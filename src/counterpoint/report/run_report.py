@@ -81,6 +81,12 @@ def write_report(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any
         lines += ["## Linear probe", "",
                   f"Test top-1 {lp['top1']:.4f} (validation {lp['val_top1']:.4f}, l2 = {lp['l2']:g}, "
                   f"{lp['n_train']} train / {lp['n_test']} test images).", ""]
+    ap = result.get("attentive_probe")
+    if ap:
+        lines += ["## Attentive probe", "",
+                  f"Test top-1 {ap['top1']:.4f} (validation {ap['val_top1']:.4f} at epoch {ap['epoch']}, "
+                  f"{ap['n_train']} train / {ap['n_test']} test images): a learned attention pooling and a linear "
+                  f"layer on the frozen image tokens.", ""]
     imagined = result.get("imagine", {})
     if imagined.get("grid"):
         lines += ["## Imagination", "", "Images optimised so that the model's image embedding matches each class "
