@@ -29,7 +29,7 @@ class AttentiveClassifier(nn.Module):
 
 
 def attentive_probe(tokens: torch.Tensor, labels: torch.Tensor, seed: int = 0, epochs: int = 60,
-                    lr: float = 1e-3, weight_decay: float = 0.05, batch_size: int = 256,
+                    lr: float = 3e-3, weight_decay: float = 0.05, batch_size: int = 128,
                     fractions: tuple[float, float] = (0.6, 0.2)) -> dict[str, float]:
     """``tokens`` ``[N, T, C]`` (frozen), ``labels`` ``[N]``: test top-1 at the best validation epoch, with the
     split the linear probe uses for the same ``seed``. Deterministic for a seed."""
