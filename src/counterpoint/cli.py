@@ -97,6 +97,25 @@ def _cmd_data_shortcut(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_documents(args: argparse.Namespace) -> int:
+    from counterpoint.data.document_shards import write_document_shards
+    from counterpoint.data.documents import detect_document_format, iter_documents
+    from counterpoint.data.readers import SkipStats
+
+    if args.docs_per_shard < 1:
+        raise UserError(f"data documents: --docs-per-shard must be >= 1, got {args.docs_per_shard}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"data documents: '{out}' is not empty; choose a new --out folder")
+    fmt = detect_document_format(args.source)
+    skips = SkipStats()
+    n = write_document_shards(iter_documents(args.source, skips, args.seed), out, args.docs_per_shard,
+                              args.image_format, progress=not args.quiet)
+    print(f"wrote {n} documents ({fmt}) to {out}; skipped {skips.total}"
+          + (": " + ", ".join(f"{r} {c}" for r, c in sorted(skips.counts.items())) if skips.total else ""))
+    return 0
+
+
 def _cmd_data_av_features(args: argparse.Namespace) -> int:
     from counterpoint.data.av_layout import AVLayoutConfig, read_av_layout
 
@@ -323,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--seed", type=int, default=0, help="seed of the train/val split when there is no val CSV")
     av.add_argument("--quiet", action="store_true", help="no progress bars")
     av.set_defaults(func=_cmd_data_av_features)
+
+    docs = data_sub.add_parser("documents", help="write interleaved documents (OBELICS, MMC4, the world's stories, "
+                               "pairs) as WebDataset shards, one document per sample, for streaming")
+    docs.add_argument("source", help="documents: a .jsonl / .jsonl.zip / .parquet file or a folder of them, or "
+                      "pair data")
+    docs.add_argument("--out", required=True, help="output folder (new or empty)")
+    docs.add_argument("--docs-per-shard", type=int, default=1000, help="documents per tar shard")
+    docs.add_argument("--image-format", choices=("png", "jpg", "webp"), default="png", help="how images are stored")
+    docs.add_argument("--seed", type=int, default=0, help="MMC4 image placement and pair order follow from it")
+    docs.add_argument("--quiet", action="store_true", help="no progress bar")
+    docs.set_defaults(func=_cmd_data_documents)
 
     tr = sub.add_parser("train", help="pretrain, evaluate and report")
     tr.add_argument("config", help="YAML recipe, e.g. configs/clip_world.yaml")

@@ -20,6 +20,8 @@ Formats (:func:`detect_document_format` picks one from the path):
 * ``mmc4``: MMC4's ``docs_shard_*.jsonl`` / ``.jsonl.zip``: ``text_list`` sentences and ``image_info`` entries
   ``{image_name, matched_text_index, matched_sim}``; image files beside the file or in its ``images/`` folder.
   Each kept image goes before or after its sentence at random (a fixed function of the seed and document).
+* ``shards``: WebDataset shards with one document per sample (``data/document_shards.py`` writes them; they
+  stream with exact resume).
 * ``pairs``: any image-text pair data counterpoint reads (shards, CSV, folders): a pair is a document of two
   items, the image first with probability 0.5 (a captioning-style loss only), else the text first.
 """
@@ -39,7 +41,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from counterpoint.data.readers import IMAGE_ERRORS, SkipStats, detect_format, iter_samples
+from counterpoint.data.readers import (
+    IMAGE_ERRORS,
+    SkipStats,
+    detect_format,
+    iter_samples,
+    iter_tar_groups,
+    tar_files,
+)
 from counterpoint.errors import DataError
 
 MMC4_MIN_SIMILARITY = 0.24  # MMC4 / LCL: an image whose best sentence matches worse than this is dropped
@@ -80,7 +89,7 @@ def _read_image(ref: Any, base: Path) -> Image.Image:
     raise TypeError(f"an image reference must be a path or bytes, got {type(ref).__name__}")
 
 
-def _finish(key: str, items: list[Item], where: str, skips: SkipStats) -> Document | None:
+def finish_document(key: str, items: list[Item], where: str, skips: SkipStats) -> Document | None:
     """The document, or ``None`` (counted) when it lacks an image or text."""
     if not any(isinstance(i, Image.Image) for i in items):
         skips.skip("no_image", where)
@@ -106,7 +115,7 @@ def obelics_document(row: Any, base: Path, where: str, skips: SkipStats) -> Docu
                 items.append(_read_image(image, base))
             except (*IMAGE_ERRORS, TypeError):
                 skips.skip("unreadable_image", f"{where} image {j}")
-    return _finish(str(row.get("key") or row.get("id") or where), items, where, skips)
+    return finish_document(str(row.get("key") or row.get("id") or where), items, where, skips)
 
 
 def mmc4_document(row: Any, image_dir: Path, where: str, skips: SkipStats, seed: int) -> Document | None:
@@ -148,7 +157,40 @@ def mmc4_document(row: Any, image_dir: Path, where: str, skips: SkipStats, seed:
         if isinstance(sentence, str) and sentence.strip():
             items.append(sentence.strip())
         items += after.get(i, [])
-    return _finish(str(row.get("url") or where), items, where, skips)
+    return finish_document(str(row.get("url") or where), items, where, skips)
+
+
+def is_document_sample(members: dict[str, bytes]) -> bool:
+    """Whether a sample's members are a document (a json member with ``items``) rather than a pair."""
+    try:
+        return "json" in members and "items" in json.loads(members["json"].decode("utf-8"))
+    except (ValueError, TypeError):
+        return False
+
+
+def decode_document(key: str, members: dict[str, bytes], where: str, skips: SkipStats) -> Document | None:
+    """The document in one sample's members; an unreadable image is dropped alone (counted), and a document
+    left without image or text is skipped (counted), as every document reader does."""
+    try:
+        meta = json.loads(members["json"].decode("utf-8"))
+        entries = meta["items"]
+        if not isinstance(entries, list):
+            raise TypeError("items is not a list")
+    except (KeyError, ValueError, TypeError):
+        skips.skip("bad_row", where)
+        return None
+    items: list[Item] = []
+    for j, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            skips.skip("bad_row", f"{where} item {j}")
+        elif isinstance(entry.get("text"), str) and entry["text"].strip():
+            items.append(entry["text"].strip())
+        elif "image" in entry:
+            try:
+                items.append(_decode(members[str(entry["image"]).lower()]))
+            except (*IMAGE_ERRORS, KeyError):
+                skips.skip("unreadable_image", f"{where} image {j}")
+    return finish_document(str(meta.get("source") or key), items, where, skips)
 
 
 def _jsonl_rows(path: Path, skips: SkipStats) -> Iterator[tuple[str, Any]]:
@@ -198,11 +240,15 @@ def document_files(path: str) -> list[Path]:
 
 
 def detect_document_format(path: str) -> str:
-    """``obelics``, ``mmc4`` or ``pairs`` for ``path`` (a file or folder); :class:`DataError` if nothing fits.
-    A JSONL file is MMC4 when its first document has ``text_list``, OBELICS when it has ``texts``."""
+    """``obelics``, ``mmc4``, ``shards`` or ``pairs`` for ``path`` (a file or folder); :class:`DataError` if
+    nothing fits. A JSONL file is MMC4 when its first document has ``text_list``, OBELICS when it has
+    ``texts``; WebDataset shards hold documents when their first sample does."""
     files = document_files(path)
     if not files:
-        detect_format(path)  # pair data, or the one-line error saying nothing is there
+        if detect_format(path) == "wds":  # else pair data (CSV, folder), or the one-line error: nothing there
+            for tar_path in tar_files(path):
+                for _, members in iter_tar_groups(tar_path, SkipStats()):
+                    return "shards" if is_document_sample(members) else "pairs"
         return "pairs"
     first = files[0]
     if first.suffix == ".parquet":
@@ -220,6 +266,13 @@ def detect_document_format(path: str) -> str:
 def iter_documents(path: str, skips: SkipStats, seed: int = 0, caption_key: str = "txt") -> Iterator[Document]:
     """Every usable document under ``path``, in file order, whatever its format (see the module doc)."""
     fmt = detect_document_format(path)
+    if fmt == "shards":
+        for tar_path in tar_files(path):
+            for key, members in iter_tar_groups(tar_path, skips):
+                doc = decode_document(key, members, f"{tar_path.name}:{key}", skips)
+                if doc is not None:
+                    yield doc
+        return
     if fmt == "pairs":
         for n, sample in enumerate(iter_samples(path, skips, caption_key)):
             image_first = np.random.default_rng([seed, n]).random() < 0.5

@@ -140,6 +140,28 @@ def layout_documents(docs: list[list[str | int]], tokenizer: Tokenizer, layout: 
     return [layout_document(doc, per_doc[d], layout) for d, doc in enumerate(docs)]
 
 
+def layout_arrays(docs: list[list[str | torch.Tensor]], tokenizer: Tokenizer, layout: SequenceLayout,
+                  image_size: int) -> tuple[list[DocumentRow], torch.Tensor]:
+    """Streamed documents (images as ``[S, S, 3]`` uint8 tensors) as rows, and the images ``[M, 3, S, S]``
+    that made it into the rows, in row order (what :func:`collate_rows` expects)."""
+    arrays: list[torch.Tensor] = []
+    indexed: list[list[str | int]] = []
+    for doc in docs:
+        items: list[str | int] = []
+        for item in doc:
+            if isinstance(item, str):
+                items.append(item)
+            else:
+                items.append(len(arrays))
+                arrays.append(item)
+        indexed.append(items)
+    rows = layout_documents(indexed, tokenizer, layout)
+    used = [arrays[i] for row in rows for i in row.images]
+    images = (torch.stack(used).permute(0, 3, 1, 2).contiguous() if used
+              else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8))
+    return rows, images
+
+
 def collate_rows(rows: list[DocumentRow], layout: SequenceLayout) -> dict[str, torch.Tensor]:
     """``tokens``, ``boi`` and ``context`` of a batch of rows (``images``: the caller gathers
     ``[i for row in rows for i in row.images]``, in that order)."""

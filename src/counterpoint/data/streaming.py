@@ -31,6 +31,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,11 +44,39 @@ from counterpoint.data.stream_plan import BatchPlan, Remainder, Source
 from counterpoint.errors import DataError
 
 
+class SampleDecoder(Protocol):
+    """What a sample is: ``decode`` turns one key's members into a sample (``None``, counted in ``skips``, if
+    it is unusable) and ``collate`` a batch's samples into the batch dict."""
+
+    def decode(self, key: str, members: dict[str, bytes], where: str, skips: SkipStats) -> Any | None: ...
+
+    def collate(self, samples: list[Any]) -> dict: ...
+
+
+class PairDecoder:
+    """Image-caption pairs: batches ``{"image": uint8 [b, 3, S, S], "caption": [str], "key": [str]}``."""
+
+    def __init__(self, image_size: int, caption_key: str = "txt") -> None:
+        self.image_size, self.caption_key = image_size, caption_key
+
+    def decode(self, key: str, members: dict[str, bytes], where: str,
+               skips: SkipStats) -> tuple[np.ndarray, str, str] | None:
+        sample = decode_members(key, members, self.caption_key, where, skips)
+        return None if sample is None else (to_square_array(sample.image, self.image_size), sample.caption, key)
+
+    def collate(self, samples: list[tuple[np.ndarray, str, str]]) -> dict:
+        s = self.image_size
+        # numpy's uint8 transpose-copy is about 10x faster than torch's permute().contiguous() here
+        images = (torch.from_numpy(np.ascontiguousarray(np.stack([x[0] for x in samples]).transpose(0, 3, 1, 2)))
+                  if samples else torch.empty(0, 3, s, s, dtype=torch.uint8))  # [b, 3, S, S]
+        return {"image": images, "caption": [x[1] for x in samples], "key": [x[2] for x in samples]}
+
+
 class PlannedBatches(IterableDataset):
     """Decodes the batches of ``plan`` from ``start`` on; in worker ``w`` of ``W`` only ``start + w + i W``."""
 
-    def __init__(self, plan: BatchPlan, image_size: int, caption_key: str = "txt", start: int = 0) -> None:
-        self.plan, self.image_size, self.caption_key, self.start = plan, image_size, caption_key, start
+    def __init__(self, plan: BatchPlan, decoder: SampleDecoder, start: int = 0) -> None:
+        self.plan, self.decoder, self.start = plan, decoder, start
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -60,12 +89,10 @@ class PlannedBatches(IterableDataset):
             shards.close()
 
     def decode(self, batch: int, shards: ShardCache) -> dict:
-        """Batch ``batch``: ``image`` [b, 3, S, S] uint8, ``caption``, ``key``, its ``batch`` number and the
-        ``skips`` of its samples (b is ``batch_size`` less the skipped ones)."""
+        """Batch ``batch``: the decoder's batch dict of its usable samples (``batch_size`` less the skipped
+        ones), its ``batch`` number and the ``skips`` of its samples."""
         skips = SkipStats()
-        arrays: list[np.ndarray] = []
-        captions: list[str] = []
-        keys: list[str] = []
+        samples = []
         for source, shard, position in self.plan.refs(batch):
             path = self.plan.path(source, shard)
             found = shards.read(path, position)
@@ -73,31 +100,26 @@ class PlannedBatches(IterableDataset):
                 skips.skip(found, f"{Path(path).name}#{position}")
                 continue
             key, members = found
-            sample = decode_members(key, members, self.caption_key, f"{Path(path).name}:{key}", skips)
-            if sample is None:
-                continue
-            arrays.append(to_square_array(sample.image, self.image_size))
-            captions.append(sample.caption)
-            keys.append(key)
-        s = self.image_size
-        # numpy's uint8 transpose-copy is about 10x faster than torch's permute().contiguous() here
-        images = (torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))) if arrays
-                  else torch.empty(0, 3, s, s, dtype=torch.uint8))  # [b, 3, S, S]
-        return {"image": images, "caption": captions, "key": keys, "batch": batch, "skips": skips}
+            sample = self.decoder.decode(key, members, f"{Path(path).name}:{key}", skips)
+            if sample is not None:
+                samples.append(sample)
+        return {**self.decoder.collate(samples), "batch": batch, "skips": skips}
 
 
 class StreamingLoader:
     """Endless per-rank batches ``{"image": uint8 [B, 3, S, S], "caption": [str], "key": [str]}`` from
-    WebDataset shards, with ``state_dict`` / ``load_state_dict`` for exact mid-epoch resume.
+    WebDataset shards, with ``state_dict`` / ``load_state_dict`` for exact mid-epoch resume. ``decoder``
+    makes other samples of the same shards (interleaved documents: ``data.document_shards.DocumentDecoder``).
 
     Iterate it once at a time; a new iteration (after a ``break``, say) continues where the last one stopped.
     """
 
     def __init__(self, sources: Sequence[Source], batch_size: int, image_size: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, resampled: bool = False, remainder: Remainder = "drop",
-                 num_workers: int = 0, caption_key: str = "txt", prefetch_factor: int = 2) -> None:
+                 num_workers: int = 0, caption_key: str = "txt", prefetch_factor: int = 2,
+                 decoder: SampleDecoder | None = None) -> None:
         self.plan = BatchPlan(sources, batch_size, seed, rank, world_size, resampled, remainder)
-        self.image_size, self.caption_key = image_size, caption_key
+        self.decoder = decoder or PairDecoder(image_size, caption_key)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.batches = 0  # handed out so far: the next batch is number `batches`
         self.skips = SkipStats()
@@ -117,7 +139,7 @@ class StreamingLoader:
         return self.batches * self.plan.batch_size * self.plan.world_size
 
     def __iter__(self) -> Iterator[dict]:
-        dataset = PlannedBatches(self.plan, self.image_size, self.caption_key, start=self.batches)
+        dataset = PlannedBatches(self.plan, self.decoder, start=self.batches)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
         try:
@@ -152,7 +174,7 @@ class StreamingLoader:
 
 
 def build_loader(cfg: StreamConfig, batch_size: int, image_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, caption_key: str = "txt") -> StreamingLoader:
+                 seed: int = 0, caption_key: str = "txt", decoder: SampleDecoder | None = None) -> StreamingLoader:
     """The loader ``data.stream`` describes, for one rank; ``batch_size`` is that rank's share of the global
     batch."""
     if not cfg.sources:
@@ -161,7 +183,7 @@ def build_loader(cfg: StreamConfig, batch_size: int, image_size: int, *, rank: i
     sources = [Source.from_spec(s.shards, s.weight) for s in cfg.sources]
     return StreamingLoader(sources, batch_size, image_size, rank=rank, world_size=world_size, seed=seed,
                            resampled=cfg.resampled, remainder=cfg.remainder, num_workers=cfg.num_workers,
-                           caption_key=caption_key, prefetch_factor=cfg.prefetch_factor)
+                           caption_key=caption_key, prefetch_factor=cfg.prefetch_factor, decoder=decoder)
 
 
 def read_captions(sources: Sequence[Source], limit: int, caption_key: str = "txt") -> list[str]:

@@ -104,13 +104,18 @@ class ShardWriter:
         self.shard += 1
 
     def write(self, rec: Record) -> None:
+        members = {self.image_format: encode_image(rec.image, self.image_format), "txt": rec.caption.encode("utf-8"),
+                   "json": json.dumps(rec.meta).encode("utf-8")}
+        if rec.audio is not None:
+            members["wav"] = encode_wav(rec.audio, rec.sample_rate)
+        self.write_members(rec.key, members)
+
+    def write_members(self, key: str, members: dict[str, bytes]) -> None:
+        """One sample: ``<key>.<ext>`` for every ``ext -> bytes`` of ``members``, in order."""
         if self._tar is None:
             self._open()
-        _add_member(self._tar, f"{rec.key}.{self.image_format}", encode_image(rec.image, self.image_format))
-        _add_member(self._tar, f"{rec.key}.txt", rec.caption.encode("utf-8"))
-        _add_member(self._tar, f"{rec.key}.json", json.dumps(rec.meta).encode("utf-8"))
-        if rec.audio is not None:
-            _add_member(self._tar, f"{rec.key}.wav", encode_wav(rec.audio, rec.sample_rate))
+        for ext, payload in members.items():
+            _add_member(self._tar, f"{key}.{ext}", payload)
         self.count += 1
         if self.count % self.samples_per_shard == 0:
             self._close()

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from counterpoint.config import RunConfig
+from counterpoint.data.document_shards import DocumentDecoder, read_document_texts
 from counterpoint.data.interleaved import (
     DocumentRow,
     DocumentSet,
     SequenceLayout,
     collate_rows,
+    layout_arrays,
     layout_documents,
     load_documents,
 )
@@ -197,7 +199,51 @@ class StreamedBatches:
             step += 1
 
 
-def data_info(data: InMemoryBatches | StreamedBatches, ctx: DistContext) -> dict[str, Any]:
+class StreamedDocuments(StreamedBatches):
+    """Interleaved documents streamed from WebDataset document shards (``data/document_shards.py``) with the
+    pairs' shard plan and exact mid-epoch resume. Ranks keep different numbers of documents and images (the
+    LCL loss is exact for that); a step at which some rank has no usable document is passed over by all."""
+
+    def __init__(self, cfg: RunConfig, image_size: int, ctx: DistContext) -> None:
+        self.cfg, self.ctx, self.image_size = cfg, ctx, image_size
+        self.loader = build_loader(cfg.data.stream, cfg.train.batch_size // ctx.world_size, image_size,
+                                   rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
+                                   decoder=DocumentDecoder(image_size))
+        self.steps_per_epoch = self.loader.steps_per_epoch
+        self.tokenizer: Tokenizer | None = None
+        self.layout: SequenceLayout | None = None
+
+    def captions(self) -> list[str]:
+        return read_document_texts(self.loader.plan.sources, self.cfg.data.max_train_samples or TOKENIZER_CAPTIONS)
+
+    def set_tokenizer(self, tokenizer: Tokenizer, model: nn.Module) -> None:
+        self.tokenizer, self.layout = tokenizer, SequenceLayout.of(tokenizer, model.image_tokens)
+
+    def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        if self.loader.batches < start_step:
+            raise UserError(f"the data position ({self.loader.batches} batches) is behind the checkpoint's "
+                            f"step {start_step}")
+        step, empty_in_a_row = start_step, 0
+        for raw in self.loader:
+            if self.ctx.min_int(len(raw["documents"])) == 0:  # every rank sees the same minimum
+                empty_in_a_row += 1
+                if self.ctx.is_main:
+                    self.loader.skips.skip("empty_batch", f"batch {self.loader.batches - 1}")
+                if empty_in_a_row >= MAX_EMPTY_BATCHES:
+                    raise DataError(f"{empty_in_a_row} batches in a row hold no usable document on some rank; the "
+                                    f"streamed shards are damaged ({dict(self.loader.skips.counts)})")
+                continue
+            empty_in_a_row = 0
+            rows, images = layout_arrays(raw["documents"], self.tokenizer, self.layout, self.image_size)
+            counts = self.ctx.gather(len(images))  # the global batch's images, for the shifts
+            images = _augment(images, self.cfg, step, sum(counts[: self.ctx.rank]), sum(counts))
+            batch = collate_rows(rows, self.layout)
+            yield {**{k: v.to(device) for k, v in batch.items()},
+                   "images": normalize(images.to(device, non_blocking=True))}
+            step += 1
+
+
+def data_info(data: InMemoryBatches | InMemoryDocuments | StreamedBatches, ctx: DistContext) -> dict[str, Any]:
     """``data.info()`` for the whole job: a streamed run's skip counts summed over the ranks (a collective:
     every rank calls it); rank 0's view otherwise."""
     info = data.info()
@@ -211,12 +257,11 @@ def data_info(data: InMemoryBatches | StreamedBatches, ctx: DistContext) -> dict
 
 def training_batches(cfg: RunConfig, image_size: int, ctx: DistContext, progress: bool,
                      kind: str = "pairs") -> InMemoryBatches | InMemoryDocuments | StreamedBatches:
-    """The batch source for a task's data ``kind``: pairs streamed when ``data.stream.sources`` names shards,
-    else ``data.train`` in memory; interleaved documents from ``data.train`` in memory."""
+    """The batch source for a task's data ``kind`` (pairs or interleaved documents): streamed when
+    ``data.stream.sources`` names shards, else ``data.train`` in memory."""
     if kind == "documents":
         if cfg.data.stream.sources:
-            raise UserError("streaming interleaved documents is not supported yet; put the documents in "
-                            "data.train (read into memory) and leave data.stream.sources empty")
+            return StreamedDocuments(cfg, image_size, ctx)
         return InMemoryDocuments(cfg, image_size, ctx, progress)
     if cfg.data.stream.sources:
         return StreamedBatches(cfg, image_size, ctx)

@@ -195,9 +195,11 @@ def check_data_paths(cfg: RunConfig) -> EvalInputs:
     if cfg.train.accum_steps > 1 and not task.grad_cache:
         raise UserError(f"train.accum_steps > 1 (GradCache) is not exact for objective.name={cfg.objective.name}; "
                         f"use train.accum_steps=1 (and train.grad_checkpointing=true for memory)")
-    if task.data == "documents":
+    if cfg.data.stream.sources:
+        pass  # the loader checks its shards when it plans them
+    elif task.data == "documents":
         detect_document_format(cfg.data.train)
-    elif not cfg.data.stream.sources:
+    else:
         detect_format(cfg.data.train)
     inputs = resolve_eval_inputs(cfg)
     if cfg.eval.every_steps and not inputs.zeroshot:
