@@ -47,9 +47,9 @@ def run_steps(preset: str, batch_size: int, queue: int, steps: int, warmup: int,
              "text": torch.randint(4, 1024, (batch_size, spec.context_length), generator=gen)}
     tasks = {}
     torch.manual_seed(0)
-    tasks["clip"] = ContrastiveTask.build(ContrastiveConfig(), spec, pad_id=0, eot_id=2)
+    tasks["clip"] = ContrastiveTask.build(ContrastiveConfig(), spec, {"<pad>": 0, "<eot>": 2})
     torch.manual_seed(0)
-    tasks["brivl"] = BriVLTask.build(BriVLConfig(queue_size=queue), spec, pad_id=0, eot_id=2)
+    tasks["brivl"] = BriVLTask.build(BriVLConfig(queue_size=queue), spec, {"<pad>": 0, "<eot>": 2})
     fns = {}
     for name, task in tasks.items():
         task.train()

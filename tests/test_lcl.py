@@ -49,8 +49,9 @@ def test_a_long_document_is_cut_and_an_image_enters_whole_or_not_at_all() -> Non
 def test_an_image_without_anything_before_it_has_no_context() -> None:
     rows = [layout_document([3, "a"], {1: [10]}, LAYOUT), layout_document(["a", 4, 5], {0: [10]}, LAYOUT)]
     batch = collate_rows(rows, LAYOUT)
-    assert batch["tokens"].shape == (2, 16) and batch["tokens"][0, 6].item() == 10
-    assert batch["boi"].tolist() == [1, 16 + 2, 16 + 7]  # flat positions row * L + column
+    # rows padded to the longer one (13 tokens), not to the context
+    assert batch["tokens"].shape == (2, 13) and batch["tokens"][0, 6].item() == 10
+    assert batch["boi"].tolist() == [1, 13 + 2, 13 + 7]  # flat positions row * L' + column
     assert batch["context"].tolist() == [False, True, True]  # an earlier image is context as well
 
 

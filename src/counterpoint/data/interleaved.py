@@ -8,9 +8,9 @@ where the ``N`` ``<img>`` slots are filled by the image's tokens inside the mode
 context is cut: text may end mid-way, an image enters whole or not at all (its slots would otherwise hold half
 an image), and ``<eot>`` is written only if the document ended. A batch of rows is
 
-* ``tokens`` ``[B, L]`` ids,
+* ``tokens`` ``[B, L']`` ids (``L'`` the longest row of the batch, at most the context ``L``),
 * ``images`` ``[M, 3, S, S]`` the images of all rows, in row order,
-* ``boi`` ``[M]`` the flat position ``row * L + column`` of each image's ``<boi>``,
+* ``boi`` ``[M]`` the flat position ``row * L' + column`` of each image's ``<boi>``,
 * ``context`` ``[M]`` whether anything of the document precedes the image (an image right after ``<sot>``
   has no context to be predicted from).
 """
@@ -164,12 +164,17 @@ def layout_arrays(docs: list[list[str | torch.Tensor]], tokenizer: Tokenizer, la
 
 def collate_rows(rows: list[DocumentRow], layout: SequenceLayout) -> dict[str, torch.Tensor]:
     """``tokens``, ``boi`` and ``context`` of a batch of rows (``images``: the caller gathers
-    ``[i for row in rows for i in row.images]``, in that order)."""
-    tokens = torch.full((len(rows), layout.length), layout.pad, dtype=torch.long)
+    ``[i for row in rows for i in row.images]``, in that order).
+
+    Rows are padded to the longest of the batch, not to the context: the model is causal, so trailing padding
+    changes nothing, and attention (which runs on whole rows) then costs nothing for padding beyond it. For
+    short documents (pairs) that is most of the attention."""
+    length = max(len(row.ids) for row in rows)
+    tokens = torch.full((len(rows), length), layout.pad, dtype=torch.long)
     boi: list[int] = []
     for r, row in enumerate(rows):
         tokens[r, : len(row.ids)] = row.ids
-        boi += [r * layout.length + b for b in row.boi]
+        boi += [r * length + b for b in row.boi]
     boi_t = torch.tensor(boi, dtype=torch.long)
     # column > 1: something of the document (text or an earlier image) sits between <sot> and this <boi>
-    return {"tokens": tokens, "boi": boi_t, "context": boi_t % layout.length > 1}
+    return {"tokens": tokens, "boi": boi_t, "context": boi_t % length > 1}
