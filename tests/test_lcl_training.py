@@ -23,6 +23,7 @@ from counterpoint.train.distributed import FAULT_ENV
 from counterpoint.train.loop import train
 from tests.conftest import tiny_config
 from tests.dist_utils import start_cli
+from tests.test_train_distributed import two_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -98,3 +99,22 @@ def test_streamed_documents_resume_bit_exactly_after_a_kill(stories: Path, tmp_p
     assert _losses(tmp_path / "killed") == _losses(reference)
     a, b = _state(reference), _state(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_on_stories(stories: Path, tmp_path: Path, parallel: str) -> None:
+    """Stories give every rank several images with context (the contract test's pairs give few): 2 processes
+    under DDP and FSDP2 log the losses of one, and under FSDP2 the periodic zero-shot evaluation, which calls
+    the sharded model's methods rather than the task's forward, runs and agrees too."""
+    cfg = _config(stories, tmp_path / "one", max_steps=4)
+    cfg.eval.every_steps, cfg.eval.zeroshot = 2, True
+    one = train(cfg)
+    cfg.out_dir, cfg.train.parallel = str(tmp_path / "two"), parallel
+    two_ranks(cfg, tmp_path)
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (one, tmp_path / "two")]
+    for a, b in zip(*rows, strict=True):
+        for key in ("loss", "loss/generation", "loss/contrastive"):
+            assert abs(a[key] - b[key]) <= 1e-5, (parallel, a["step"], key, a[key], b[key])
+        assert a.get("zeroshot/all") == pytest.approx(b.get("zeroshot/all"), abs=1e-6)
+    assert sum("zeroshot/all" in r for r in rows[1]) == 2

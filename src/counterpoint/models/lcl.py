@@ -63,12 +63,18 @@ class CausalLM(nn.Module):
         self.ln_final = nn.LayerNorm(width)
         init_transformer(self, layers)
 
-    def forward(self, embeds: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``[B, L, D]`` input embeddings (positions are added here) and the ``[B, L]`` real-token mask ->
-        ``[B, L, D]`` final states (zeros at padding). Causal, so padding at the end never reaches a real
-        token, and the blocks run on the real tokens only (``Packing``)."""
-        packing = Packing.from_mask(keep)
-        x = packing.pack(embeds + self.pos_embed[:, : embeds.shape[1]])
+    def forward(self, tokens: torch.Tensor, pad_id: int, image_tokens: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, L]`` ids -> ``[B, L, D]`` final states (zeros at padding). ``image_tokens`` ``[M, N, D]`` replace
+        the embeddings at the flat positions ``slots`` ``[M * N]``. Causal, so padding at the end never reaches
+        a real token, and the blocks run on the real tokens only (``Packing``)."""
+        b, length = tokens.shape
+        embeds = self.token_embed(tokens)
+        if image_tokens is not None:
+            flat = embeds.reshape(b * length, -1).index_copy(0, slots, image_tokens.flatten(0, 1).to(embeds.dtype))
+            embeds = flat.view(b, length, -1)
+        packing = Packing.from_mask(tokens != pad_id)
+        x = packing.pack(embeds + self.pos_embed[:, :length])
         return packing.pad(self.ln_final(self.transformer(x, causal=True, packing=packing)))
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
@@ -124,7 +130,7 @@ class LCLModel(nn.Module):
         expects the next image to be, in the latent space."""
         tokens = tokens[:, : int((tokens != self.pad_id).sum(dim=1).max())]  # causal: trailing pads change nothing
         tokens = torch.where(tokens == self.eot_id, self.boi_id, tokens)
-        states = self.causal(self.causal.token_embed(tokens), tokens != self.pad_id)
+        states = self.causal(tokens, self.pad_id)
         at = (tokens == self.boi_id).int().argmax(dim=1)
         c = self.context_embedding(states[torch.arange(len(tokens), device=tokens.device), at])
         return F.normalize(c, dim=-1) if normalize else c
@@ -134,11 +140,8 @@ class LCLModel(nn.Module):
         """Final states ``[B, L, D]`` of interleaved sequences and the latents ``[M, D]`` of their images.
         ``boi``: flat position (``row * L + column``) of each image's ``<boi>``; its tokens fill the slots after."""
         z, image_tokens = self.image_latents(images)
-        b, length = tokens.shape
-        embeds = self.causal.token_embed(tokens).reshape(b * length, -1)
         slots = (boi[:, None] + 1 + torch.arange(image_tokens.shape[1], device=boi.device)).flatten()
-        embeds = embeds.index_copy(0, slots, image_tokens.reshape(-1, image_tokens.shape[-1]).to(embeds.dtype))
-        return self.causal(embeds.view(b, length, -1), tokens != self.pad_id), z
+        return self.causal(tokens, self.pad_id, image_tokens, slots), z
 
     def set_grad_checkpointing(self, enabled: bool = True) -> int:
         """Recompute block activations in the backward pass (as ``TwoTower.set_grad_checkpointing``)."""

@@ -70,6 +70,11 @@ class Task(nn.Module):
         """Submodules FSDP2 shards one by one (blocks, then towers), innermost first."""
         return []
 
+    def fsdp_methods(self) -> list[tuple[nn.Module, str]]:
+        """``(unit, method)`` pairs: methods other than ``forward`` through which the task or its encoder
+        calls an FSDP unit (FSDP2 gathers a unit's parameters around ``forward`` only, unless told)."""
+        return []
+
     def embed(self, batch: dict[str, torch.Tensor]) -> Any:
         """GradCache: this micro-batch's features (only for tasks with ``grad_cache``)."""
         raise NotImplementedError

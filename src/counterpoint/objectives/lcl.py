@@ -121,8 +121,14 @@ class LCLTask(Task):
         return self.model
 
     def fsdp_units(self) -> list[nn.Module]:
-        blocks = [m for m in self.model.modules() if isinstance(m, Block)]
-        return [*blocks, self.model.visual, self.model.causal]
+        """Blocks, then every module that holds parameters, so no parameter is left to the root (evaluation
+        calls the model's methods, not the task's forward, and would meet it sharded)."""
+        m = self.model
+        heads = [h for h in (m.context_proj, m.regression_head) if h is not None]
+        return [*(b for b in m.modules() if isinstance(b, Block)), m.visual, m.pool, m.causal, *heads]
+
+    def fsdp_methods(self) -> list[tuple[nn.Module, str]]:
+        return [(self.model.visual, "forward_tokens"), (self.model.causal, "logits")]
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> tuple[dict[str, torch.Tensor],
                                                                              dict[str, float]]:

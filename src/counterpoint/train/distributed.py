@@ -178,7 +178,7 @@ def _shard(task: Task) -> list[nn.Parameter]:
     ``fully_shard`` cannot shard 0-dim parameters (the logit scale and bias), so they stay plain replicated
     tensors whose gradients the caller averages itself.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     with torch.no_grad():  # FSDP2 shards dense parameters only: channels-last conv kernels go back to NCHW
         for p in task.parameters():
@@ -188,6 +188,8 @@ def _shard(task: Task) -> list[nn.Parameter]:
         fully_shard(unit)
     scalars = [p for p in task.parameters() if p.dim() == 0]
     fully_shard(task, ignored_params=set(scalars))
+    for unit, method in task.fsdp_methods():
+        register_fsdp_forward_method(unit, method)
     return scalars
 
 
