@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from counterpoint.data.document_shards import DocumentDecoder, read_document_texts
 from counterpoint.data.documents import MMC4_MAX_IMAGES, detect_document_format, iter_documents
 from counterpoint.data.interleaved import load_documents
 from counterpoint.data.make_world import make_world
 from counterpoint.data.readers import SkipStats
+from counterpoint.data.stream_plan import Source
+from counterpoint.data.streaming import StreamingLoader
 from counterpoint.data.world import WorldConfig
 from counterpoint.errors import DataError
 
@@ -137,3 +140,21 @@ def test_nothing_usable_is_a_data_error(tmp_path: Path) -> None:
     _jsonl(tmp_path / "other.jsonl", [{"something": 1}])
     with pytest.raises(DataError, match="neither OBELICS"):
         detect_document_format(str(tmp_path / "other.jsonl"))
+
+
+def test_pair_shards_stream_as_documents(tmp_path: Path) -> None:
+    """The streaming decoder reads pair samples as two-item documents (both orders, the same for a seed), and
+    the tokenizer's texts come from their captions."""
+    make_world(tmp_path, WorldConfig(seed=5), "wds", train=48, test=4, zeroshot=8, progress=False)
+    source = Source.from_spec(str(tmp_path / "train"))
+
+    def orders(seed: int) -> list[str]:
+        loader = StreamingLoader([source], 48, 16, seed=0, decoder=DocumentDecoder(16, seed))
+        batch = next(iter(loader))
+        assert all(isinstance(i, str) or tuple(i.shape) == (16, 16, 3) for d in batch["documents"] for i in d)
+        return ["".join("T" if isinstance(i, str) else "I" for i in d) for d in batch["documents"]]
+
+    first = orders(0)
+    assert len(first) == 48 and set(first) == {"IT", "TI"} and orders(0) == first and orders(1) != first
+    texts = read_document_texts([source], 10)
+    assert len(texts) == 10 and all(isinstance(t, str) and t for t in texts)

@@ -10,6 +10,7 @@ exactly as it does pairs (``DocumentDecoder`` is its per-sample decode).
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from counterpoint.data.documents import Document, decode_document
-from counterpoint.data.readers import SkipStats, to_square_array
+from counterpoint.data.documents import Document, decode_document, is_document_sample
+from counterpoint.data.readers import SkipStats, caption_of, decode_members, metadata, to_square_array
 from counterpoint.data.shards import index_tar, read_group
 from counterpoint.data.stream_plan import Source
 from counterpoint.data.writers import ShardWriter, encode_image
@@ -55,14 +56,22 @@ def write_document_shards(docs: Iterable[Document], out_dir: str | Path, docs_pe
 
 class DocumentDecoder:
     """The streaming loader's per-sample decode for document shards: batches ``{"documents": [[str |
-    uint8 tensor [S, S, 3]]], "key": [str]}`` (images resized, texts as they are; the trainer lays them out)."""
+    uint8 tensor [S, S, 3]]], "key": [str]}`` (images resized, texts as they are; the trainer lays them out).
+    A pair sample (image + caption) is a two-item document, the image first when a coin seeded by ``seed``
+    and its key says so (probability 0.5), so pair shards stream as documents too."""
 
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
+    def __init__(self, image_size: int, seed: int = 0, caption_key: str = "txt") -> None:
+        self.image_size, self.seed, self.caption_key = image_size, seed, caption_key
 
     def decode(self, key: str, members: dict[str, bytes], where: str,
                skips: SkipStats) -> tuple[list[Any], str] | None:
-        doc = decode_document(key, members, where, skips)
+        if is_document_sample(members):
+            doc = decode_document(key, members, where, skips)
+        else:
+            pair = decode_members(key, members, self.caption_key, where, skips)
+            image_first = np.random.default_rng([self.seed, zlib.crc32(key.encode())]).random() < 0.5
+            doc = None if pair is None else Document(key, [pair.image, pair.caption] if image_first
+                                                     else [pair.caption, pair.image])
         if doc is None:
             return None
         # tensors, not numpy arrays: the DataLoader would convert those itself (warning that PIL's are read-only)
@@ -74,9 +83,9 @@ class DocumentDecoder:
         return {"documents": [s[0] for s in samples], "key": [s[1] for s in samples]}
 
 
-def read_document_texts(sources: Iterable[Source], limit: int) -> list[str]:
-    """Up to ``limit`` texts from the first document shards of ``sources``, reading only the json members
-    (to train a tokenizer on without decoding an image)."""
+def read_document_texts(sources: Iterable[Source], limit: int, caption_key: str = "txt") -> list[str]:
+    """Up to ``limit`` texts from the first shards of ``sources`` (documents' texts, or pairs' captions),
+    reading only the text members: text to train a tokenizer on without decoding an image."""
     texts: list[str] = []
     for source in sources:
         for path in source.shards:
@@ -85,9 +94,14 @@ def read_document_texts(sources: Iterable[Source], limit: int) -> list[str]:
                 for group in index.groups:
                     if len(texts) >= limit:
                         return texts
+                    members = read_group(handle, group, ("json", caption_key, "txt"))
                     try:
-                        entries = json.loads(read_group(handle, group, ("json",))["json"].decode("utf-8"))["items"]
-                        texts += [e["text"] for e in entries if isinstance(e, dict) and isinstance(e.get("text"), str)]
-                    except (KeyError, ValueError, TypeError):
-                        continue  # the loader skips it as a bad row
+                        meta = metadata(members)
+                        if isinstance(meta.get("items"), list):
+                            texts += [e["text"] for e in meta["items"]
+                                      if isinstance(e, dict) and isinstance(e.get("text"), str)]
+                        elif caption := caption_of(members, caption_key, meta):
+                            texts.append(caption)
+                    except ValueError:
+                        continue  # the loader skips it as a bad row or caption
     return texts[:limit]

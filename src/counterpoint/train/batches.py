@@ -208,13 +208,14 @@ class StreamedDocuments(StreamedBatches):
         self.cfg, self.ctx, self.image_size = cfg, ctx, image_size
         self.loader = build_loader(cfg.data.stream, cfg.train.batch_size // ctx.world_size, image_size,
                                    rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
-                                   decoder=DocumentDecoder(image_size))
+                                   decoder=DocumentDecoder(image_size, cfg.seed, cfg.data.caption_key))
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.tokenizer: Tokenizer | None = None
         self.layout: SequenceLayout | None = None
 
     def captions(self) -> list[str]:
-        return read_document_texts(self.loader.plan.sources, self.cfg.data.max_train_samples or TOKENIZER_CAPTIONS)
+        return read_document_texts(self.loader.plan.sources, self.cfg.data.max_train_samples or TOKENIZER_CAPTIONS,
+                                   self.cfg.data.caption_key)
 
     def set_tokenizer(self, tokenizer: Tokenizer, model: nn.Module) -> None:
         self.tokenizer, self.layout = tokenizer, SequenceLayout.of(tokenizer, model.image_tokens)
