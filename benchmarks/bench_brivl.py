@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from common import RESULTS, env_info, interleaved_timing, load_average, machine_line, markdown_table, median, write_json
+from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.models.presets import resolve_spec
 from counterpoint.objectives.brivl import BriVLConfig, BriVLTask, multi_positive_ce, queue_logits
 from counterpoint.objectives.contrastive import ContrastiveConfig, ContrastiveTask
@@ -46,10 +47,11 @@ def run_steps(preset: str, batch_size: int, queue: int, steps: int, warmup: int,
     batch = {"image": torch.randn(batch_size, 3, size, size, generator=gen),
              "text": torch.randint(4, 1024, (batch_size, spec.context_length), generator=gen)}
     tasks = {}
+    tokenizer = Tokenizer.train(["a red star"], 300, spec.context_length)
     torch.manual_seed(0)
-    tasks["clip"] = ContrastiveTask.build(ContrastiveConfig(), spec, {"<pad>": 0, "<eot>": 2})
+    tasks["clip"] = ContrastiveTask.build(ContrastiveConfig(), spec, tokenizer)
     torch.manual_seed(0)
-    tasks["brivl"] = BriVLTask.build(BriVLConfig(queue_size=queue), spec, {"<pad>": 0, "<eot>": 2})
+    tasks["brivl"] = BriVLTask.build(BriVLConfig(queue_size=queue), spec, tokenizer)
     fns = {}
     for name, task in tasks.items():
         task.train()

@@ -41,12 +41,12 @@ from common import (
     write_json,
 )
 from counterpoint.data.interleaved import DocumentRow, SequenceLayout, collate_rows, layout_document
+from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.models.presets import resolve_spec
 from counterpoint.objectives.lcl import LCLConfig, LCLTask
 from counterpoint.train.optim import build_optimizer
 
 VOCAB = 1024
-IDS = {"<pad>": 0, "<sot>": 1, "<eot>": 2, "<boi>": 4, "<eoi>": 5, "<img>": 6}
 
 
 def documents(kind: str, n: int, layout: SequenceLayout, gen: torch.Generator) -> list[DocumentRow]:
@@ -87,9 +87,9 @@ def run(preset: str, batch_size: int, context: int, steps: int, warmup: int, blo
         peak: float) -> list[dict[str, Any]]:
     spec = resolve_spec(preset, vocab_size=VOCAB, context_length=context)
     torch.manual_seed(0)
-    task = LCLTask.build(LCLConfig(), spec, IDS).train()
-    layout = SequenceLayout(sot=1, eot=2, pad=0, boi=4, eoi=5, img=6, image_tokens=task.model.image_tokens,
-                            length=context)
+    tokenizer = Tokenizer.train(["a red star"], 300, context, LCLTask.special_tokens)
+    task = LCLTask.build(LCLConfig(), spec, tokenizer).train()
+    layout = SequenceLayout.of(tokenizer, task.model.image_tokens)
     optimizer = build_optimizer(task, 1e-4, 0.1, (0.9, 0.98), 1e-6)
     kinds = ("stories", "pairs", "pairs, padded")
     batches = {k: make_batch(k, batch_size, layout, spec.image_size) for k in kinds}

@@ -11,6 +11,7 @@ import torch
 
 from counterpoint.config import RunConfig, from_dict
 from counterpoint.data.make_world import make_world
+from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.data.world import WorldConfig
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -25,6 +26,11 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("world")
     make_world(out, WorldConfig(seed=1), "wds", train=768, test=128, zeroshot=128, progress=False)
     return out
+
+
+def task_tokenizer(*special: str, context_length: int = 16) -> Tokenizer:
+    """A small real tokenizer with a task's special tokens: ids 4, 5, ... after ``<pad> <sot> <eot> <unk>``."""
+    return Tokenizer.train(["a picture of a red star on the left"], 300, context_length, special)
 
 
 NO_EVAL = {"zeroshot": False, "retrieval": False, "linear_probe": False}

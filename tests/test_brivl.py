@@ -16,7 +16,7 @@ from counterpoint.errors import UserError
 from counterpoint.models.presets import resolve_spec
 from counterpoint.objectives.brivl import BriVLConfig, BriVLTask, ema_, multi_positive_ce, neighbour_positives
 from counterpoint.train.loop import check_data_paths, train
-from tests.conftest import tiny_config
+from tests.conftest import task_tokenizer, tiny_config
 
 
 def _unit(*shape: int, seed: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_momentum_update_is_the_ema() -> None:
 
 def _task(queue_size: int = 8, **options: object) -> BriVLTask:
     spec = resolve_spec("tiny-vit", embed_dim=16, vocab_size=300, context_length=8)
-    return BriVLTask.build(BriVLConfig(queue_size=queue_size, **options), spec, {"<pad>": 0, "<eot>": 2})
+    return BriVLTask.build(BriVLConfig(queue_size=queue_size, **options), spec, task_tokenizer())
 
 
 def _batch(n: int, seed: int) -> dict[str, torch.Tensor]:

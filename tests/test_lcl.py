@@ -14,8 +14,9 @@ from counterpoint.data.interleaved import SequenceLayout, collate_rows, layout_d
 from counterpoint.models.lcl import AttentivePool
 from counterpoint.models.presets import resolve_spec
 from counterpoint.objectives.lcl import LCLConfig, LCLTask, latent_infonce
+from tests.conftest import task_tokenizer
 
-IDS = {"<pad>": 0, "<sot>": 1, "<eot>": 2, "<boi>": 4, "<eoi>": 5, "<img>": 6}
+TOKENIZER = task_tokenizer("<boi>", "<eoi>", "<img>")  # <pad> 0, <sot> 1, <eot> 2, <boi> 4, <eoi> 5, <img> 6
 LAYOUT = SequenceLayout(sot=1, eot=2, pad=0, boi=4, eoi=5, img=6, image_tokens=3, length=16)
 
 
@@ -24,7 +25,7 @@ def _task(**options: object) -> LCLTask:
     spec = dataclasses.replace(resolve_spec("tiny-vit", image_size=8, context_length=24, vocab_size=40),
                                patch_size=4, vision_width=16, vision_layers=1, vision_heads=2, text_width=16,
                                text_layers=2, text_heads=2, embed_dim=16)
-    return LCLTask.build(LCLConfig(**options), spec, IDS)
+    return LCLTask.build(LCLConfig(**options), spec, TOKENIZER)
 
 
 # ------------------------------------------------------------------------------------------------- layout
@@ -170,6 +171,6 @@ def test_bad_options_are_one_line_errors(options: dict, needle: str) -> None:
 
 def test_lcl_needs_a_vit_and_latents_in_the_causal_width() -> None:
     with pytest.raises(ConfigError, match="needs a ViT"):
-        LCLTask.build(LCLConfig(), resolve_spec("tiny-cnn"), IDS)
+        LCLTask.build(LCLConfig(), resolve_spec("tiny-cnn"), TOKENIZER)
     with pytest.raises(ConfigError, match="model.embed_dim=32 must equal"):
-        LCLTask.build(LCLConfig(), resolve_spec("tiny-vit", embed_dim=32), IDS)
+        LCLTask.build(LCLConfig(), resolve_spec("tiny-vit", embed_dim=32), TOKENIZER)

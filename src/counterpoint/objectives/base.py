@@ -15,13 +15,14 @@ training, exact resume, 2 processes = 1, loading and evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from counterpoint.config import ConfigError, ObjectiveConfig
+from counterpoint.data.tokenizer import Tokenizer
 
 
 class Task(nn.Module):
@@ -41,10 +42,10 @@ class Task(nn.Module):
     grad_cache: ClassVar[bool] = False
 
     @classmethod
-    def build(cls, cfg: ObjectiveConfig, spec: Any, token_ids: Mapping[str, int]) -> Task:
+    def build(cls, cfg: ObjectiveConfig, spec: Any, tokenizer: Tokenizer) -> Task:
         """The task for options ``cfg`` (``cfg.name`` is the registered name) around a fresh model of ``spec``
-        (a ``ModelSpec``); ``token_ids``: the tokenizer's ids of ``<pad> <sot> <eot>`` and of the task's own
-        ``special_tokens``."""
+        (a ``ModelSpec``); ``tokenizer`` has the task's ``special_tokens`` (``token_id``) and encodes what the
+        task must (BLIP's prompt)."""
         raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor], step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -56,6 +57,10 @@ class Task(nn.Module):
     def check_run(cls, cfg: ObjectiveConfig, global_batch: int) -> None:
         """Refuse (``ConfigError``, before anything runs) options that do not fit the run, e.g. a queue that is
         not a multiple of the global batch."""
+
+    def set_schedule(self, steps_per_epoch: int | None, total_steps: int) -> None:
+        """Told before training (and again on resume) how many steps an epoch and the run have, for tasks with
+        schedules of their own (BLIP ramps its distillation in over the first epoch)."""
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -24,7 +24,6 @@ treated as a further positive (multi-positive InfoNCE) rather than pushed away.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from counterpoint.config import ConfigError, ObjectiveConfig
+from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.models.cnn import BasicBlock
 from counterpoint.models.layers import Block
 from counterpoint.models.presets import ModelSpec, build_model
@@ -71,6 +71,17 @@ def ema_(target: list[torch.Tensor], source: list[torch.Tensor], momentum: float
     ``update_teacher``)."""
     torch._foreach_mul_(target, momentum)
     torch._foreach_add_(target, source, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def enqueue_(queues: list[torch.Tensor], pointer: torch.Tensor, keys: list[torch.Tensor]) -> None:
+    """Write ``keys[i]`` (all ``[n, D]``) over the oldest entries of ``queues[i]`` (ring buffers sharing one
+    write ``pointer``), and advance the pointer."""
+    size = queues[0].shape[0]
+    rows = (pointer + torch.arange(keys[0].shape[0], device=pointer.device)) % size
+    for queue, key in zip(queues, keys):
+        queue.index_copy_(0, rows, key.to(queue.dtype))
+    pointer.copy_((pointer + keys[0].shape[0]) % size)
 
 
 def queue_logits(query: torch.Tensor, positive_key: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
@@ -127,8 +138,8 @@ class BriVLTask(Task):
         self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's keys, enqueued after it
 
     @classmethod
-    def build(cls, cfg: BriVLConfig, spec: ModelSpec, token_ids: Mapping[str, int]) -> BriVLTask:
-        model = build_model(spec, cfg.temperature, None, pad_id=token_ids["<pad>"], eot_id=token_ids["<eot>"])
+    def build(cls, cfg: BriVLConfig, spec: ModelSpec, tokenizer: Tokenizer) -> BriVLTask:
+        model = build_model(spec, cfg.temperature, None, pad_id=tokenizer.pad_id, eot_id=tokenizer.eot_id)
         return cls(model, cfg, spec.embed_dim)
 
     @classmethod
@@ -185,12 +196,7 @@ class BriVLTask(Task):
         if self.cfg.learn_temperature:
             self.model.clamp_logit_scale(self.cfg.max_logit_scale)
         if self._keys is not None:
-            key_img, key_txt = (gather_no_grad(k) for k in self._keys)
-            n = key_img.shape[0]
-            rows = (self.queue_ptr + torch.arange(n, device=key_img.device)) % self.cfg.queue_size
-            self.image_queue.index_copy_(0, rows, key_img.to(self.image_queue.dtype))
-            self.text_queue.index_copy_(0, rows, key_txt.to(self.text_queue.dtype))
-            self.queue_ptr.copy_((self.queue_ptr + n) % self.cfg.queue_size)
+            enqueue_([self.image_queue, self.text_queue], self.queue_ptr, [gather_no_grad(k) for k in self._keys])
             self._keys = None
         ema_([p.data for p in self.momentum_model.parameters()], [p.data for p in self.model.parameters()],
              self.cfg.momentum)

@@ -9,7 +9,6 @@ B_local x B_global instead of B^2.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from counterpoint.config import ConfigError, ObjectiveConfig
+from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.models.cnn import BasicBlock
 from counterpoint.models.layers import Block
 from counterpoint.models.presets import ModelSpec, build_model
@@ -118,9 +118,9 @@ class ContrastiveTask(Task):
             model.logit_scale.requires_grad_(False)
 
     @classmethod
-    def build(cls, cfg: ContrastiveConfig, spec: ModelSpec, token_ids: Mapping[str, int]) -> ContrastiveTask:
+    def build(cls, cfg: ContrastiveConfig, spec: ModelSpec, tokenizer: Tokenizer) -> ContrastiveTask:
         bias = cfg.init_logit_bias if cfg.name == "siglip" else None
-        model = build_model(spec, cfg.init_temperature, bias, pad_id=token_ids["<pad>"], eot_id=token_ids["<eot>"])
+        model = build_model(spec, cfg.init_temperature, bias, pad_id=tokenizer.pad_id, eot_id=tokenizer.eot_id)
         return cls(model, cfg.name, cfg.margin, cfg.chunk_size, cfg.max_logit_scale)
 
     def encoder(self) -> TwoTower:

@@ -25,7 +25,6 @@ gradient of the global-batch mean: 2 processes equal 1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from counterpoint.config import ConfigError, ObjectiveConfig
+from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.models.layers import Block
 from counterpoint.models.lcl import CausalLM, LCLModel
 from counterpoint.models.presets import ModelSpec
@@ -103,7 +103,7 @@ class LCLTask(Task):
         self.model, self.cfg = model, cfg
 
     @classmethod
-    def build(cls, cfg: LCLConfig, spec: ModelSpec, token_ids: Mapping[str, int]) -> LCLTask:
+    def build(cls, cfg: LCLConfig, spec: ModelSpec, tokenizer: Tokenizer) -> LCLTask:
         if spec.image_tower != "vit":
             raise ConfigError(f"objective.name=lcl needs a ViT image tower (its patch tokens enter the causal "
                               f"model); the model is a {spec.image_tower}")
@@ -113,6 +113,7 @@ class LCLTask(Task):
         visual = VisionTransformer(spec.image_size, spec.patch_size, spec.vision_width, spec.vision_layers,
                                    spec.vision_heads, None, pool=spec.vision_pool)
         causal = CausalLM(spec.vocab_size, spec.context_length, spec.text_width, spec.text_layers, spec.text_heads)
+        token_ids = {t: tokenizer.token_id(t) for t in ("<pad>", "<eot>", *cls.special_tokens)}
         model = LCLModel(visual, causal, spec.text_heads, token_ids, contrastive=cfg.contrastive_weight > 0,
                          regression=cfg.regression_weight > 0, init_temperature=cfg.init_temperature)
         return cls(model, cfg)

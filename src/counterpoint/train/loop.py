@@ -97,9 +97,7 @@ def check_architecture(spec: ModelSpec, saved_name: str | None, model: ModelConf
 
 def build_task(objective: ObjectiveConfig, spec: ModelSpec, tokenizer: Tokenizer) -> Task:
     """The registered task ``objective.name`` around a fresh model of ``spec``."""
-    cls = task_class(objective.name)
-    ids = {token: tokenizer.token_id(token) for token in ("<pad>", "<sot>", "<eot>", *cls.special_tokens)}
-    return cls.build(objective, spec, ids)
+    return task_class(objective.name).build(objective, spec, tokenizer)
 
 
 def objective_from_state(meta: dict[str, Any], folder: Path) -> ObjectiveConfig:
@@ -373,6 +371,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
         total_steps = (cfg.train.max_steps if steps_per_epoch is None
                        else max(1, math.ceil(cfg.train.epochs * steps_per_epoch)))
     end_step = min(total_steps, cfg.train.max_steps or total_steps)
+    task.set_schedule(steps_per_epoch, total_steps)
     if ctx.is_main and not meta:
         _warn_about_cadence(cfg, total_steps)
     extra = {"model_spec": dataclasses.asdict(spec), "model_name": cfg.model.name, "total_steps": total_steps,
