@@ -31,7 +31,8 @@ from tests.test_train_distributed import two_ranks
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS = 4
 # Options a task needs to train at the contract's small sizes (e.g. a queue that fits the tiny world).
-TASK_OPTIONS: dict[str, dict[str, object]] = {"siglip": {"init_temperature": 0.1}, "brivl": {"queue_size": 64}}
+TASK_OPTIONS: dict[str, dict[str, object]] = {"siglip": {"init_temperature": 0.1}, "brivl": {"queue_size": 64},
+                                              "blip": {"queue_size": 64}}
 # Model settings a task needs: LCL's latents have the causal model's width, and a pair (as a document of an
 # image's 65 slots and its caption) must fit the context.
 MODEL_OPTIONS: dict[str, dict[str, object]] = {"lcl": {"embed_dim": None, "context_length": 112}}
@@ -79,7 +80,7 @@ def reference(request: pytest.FixtureRequest, world: Path, tmp_path_factory: pyt
 def test_every_builtin_task_is_registered() -> None:
     """The contract runs over these; a task that is not registered would escape it."""
     task_class("clip")
-    assert {"clip", "siglip", "margin", "brivl", "lcl"} <= set(TASKS)
+    assert {"clip", "siglip", "margin", "brivl", "lcl", "blip"} <= set(TASKS)
 
 
 def test_trains_and_logs_every_step(reference) -> None:

@@ -35,7 +35,7 @@ from counterpoint.models.presets import ModelSpec
 from counterpoint.models.vit import VisionTransformer
 from counterpoint.objectives.base import Task, register
 from counterpoint.objectives.brivl import ema_, enqueue_
-from counterpoint.objectives.distributed import gather_no_grad, gather_with_grad
+from counterpoint.objectives.distributed import gather_no_grad, gather_with_grad, global_mean, world_info
 
 MOMENTUM_PARTS = ("visual", "vision_proj", "text", "text_proj")  # what ITC's momentum keys come from
 
@@ -212,8 +212,10 @@ class BLIPTask(Task):
         logits = m.caption_logits(image_tokens, sequence)[:, :-1]
         targets = sequence[:, 1:].clone()
         targets[:, : len(self.prompt_ids)] = m.pad_id  # the prompt is given, not learned
-        scored = targets != m.pad_id
-        return F.cross_entropy(logits[scored].float(), targets[scored], label_smoothing=self.cfg.label_smoothing)
+        scored = targets != m.pad_id  # captions differ in length: the mean is over the global batch's tokens
+        total = F.cross_entropy(logits[scored].float(), targets[scored], label_smoothing=self.cfg.label_smoothing,
+                                reduction="sum")
+        return global_mean(total, scored.sum())
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -228,7 +230,5 @@ class BLIPTask(Task):
 
 
 def _rank_offset(local_rows: int) -> int:
-    from counterpoint.objectives.distributed import world_info
-
     return world_info()[0] * local_rows
 

@@ -82,6 +82,13 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a global mean: its ``total`` over the global ``count``, times the number of ranks
+    (DDP averages the ranks' gradients), so the ranks' losses average to the global mean however the items
+    are spread over them."""
+    return total * world_info()[1] / all_reduce_sum(count).clamp_min(1)
+
+
 def gather_padded_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """All ranks' ``x`` when ranks hold different numbers of rows (LCL: images per rank vary): every block
     padded to the largest, gathered *with* gradients (see :func:`gather_with_grad`). Returns the gathered

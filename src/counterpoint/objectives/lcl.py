@@ -39,7 +39,7 @@ from counterpoint.models.lcl import CausalLM, LCLModel
 from counterpoint.models.presets import ModelSpec
 from counterpoint.models.vit import VisionTransformer
 from counterpoint.objectives.base import Task, register
-from counterpoint.objectives.distributed import all_reduce_sum, gather_padded_with_grad, world_info
+from counterpoint.objectives.distributed import gather_padded_with_grad, global_mean
 
 
 @dataclass
@@ -66,12 +66,6 @@ class LCLConfig(ObjectiveConfig):
             raise ConfigError(f"objective.init_temperature must be in (0, 1), got {self.init_temperature}")
         if self.max_logit_scale <= 1:
             raise ConfigError(f"objective.max_logit_scale must be > 1, got {self.max_logit_scale}")
-
-
-def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """This rank's share of a global mean: its ``total`` over the global ``count``, times the number of ranks
-    (DDP averages the ranks' gradients)."""
-    return total * world_info()[1] / all_reduce_sum(count).clamp_min(1)
 
 
 def latent_infonce(z: torch.Tensor, c: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, float]:
