@@ -120,7 +120,7 @@ def test_after_step_enqueues_keys_moves_the_momentum_encoders_and_clamps_the_tem
     task.after_step(0)
     torch.testing.assert_close(task.image_queue[:4], key_img)
     torch.testing.assert_close(task.text_queue[:4], key_txt)
-    assert int(task.queue_ptr) == 4 and float(task.model.temperature) == 0.5
+    assert int(task.queue_ptr) == 4 and float(task.model.temperature.detach()) == 0.5
     for old, new, online in zip(before, task.momentum["visual"].parameters(), task.model.visual.parameters()):
         torch.testing.assert_close(new, 0.5 * old + 0.5 * online)
 
