@@ -91,7 +91,7 @@ def test_distillation_ramps_in_over_the_first_epoch() -> None:
 def test_captioning_loss_leaves_the_prompt_out() -> None:
     """Brute force: label-smoothed cross-entropy over the caption tokens and <eot> after <dec> prompt."""
     task = _task(prompt="a picture of")
-    prompt = task.prompt_ids
+    prompt = task.model.prompt_ids
     assert prompt == TOKENIZER.encode_ids(["a picture of"])[0] and len(prompt) >= 3
     batch = _batch(2)
     memory = task.model.image_tokens(batch["image"])

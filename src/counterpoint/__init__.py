@@ -66,3 +66,28 @@ def imagine(model: TwoTower, tokenizer: Tokenizer, texts: str | list[str], steps
 
     texts = [texts] if isinstance(texts, str) else list(texts)
     return run(model, text_targets(model, tokenizer, texts), steps=steps, seed=seed, **options)
+
+
+@torch.no_grad()
+def caption(model: torch.nn.Module, tokenizer: Tokenizer, images: torch.Tensor, beams: int | None = None,
+            top_p: float | None = None, max_tokens: int = 30, seed: int = 0) -> list[str]:
+    """Captions of ``[N, 3, S, S]`` uint8 images by a model with a captioning decoder (BLIP): greedy, beam
+    search with ``beams``, or nucleus sampling with ``top_p`` (deterministic from ``seed``); each starts with
+    the model's prompt ("a picture of ...")."""
+    from counterpoint.models.decoding import beam_search, greedy, nucleus
+
+    if not hasattr(model, "caption_logits"):
+        raise ValueError("this model has no captioning decoder (train it with objective.name=blip)")
+    if beams is not None and top_p is not None:
+        raise ValueError("give beams or top_p, not both")
+    device = next(model.parameters()).device
+    x = normalize(images.to(device)) if images.dtype == torch.uint8 else images.to(device)
+    prompt = model.prompt_ids
+    if beams is not None:
+        ids = beam_search(model, x, prompt, beams=beams, max_tokens=max_tokens)
+    elif top_p is not None:
+        ids = nucleus(model, x, prompt, top_p, max_tokens, torch.Generator().manual_seed(seed))
+    else:
+        ids = greedy(model, x, prompt, max_tokens)
+    return [tokenizer.decode(torch.tensor(prompt + row)) for row in ids]
+

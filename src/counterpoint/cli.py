@@ -213,6 +213,39 @@ def _cmd_imagine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_caption(args: argparse.Namespace) -> int:
+    """Captions of image files by a run with a captioning decoder (BLIP)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import counterpoint
+    from counterpoint.data.readers import IMAGE_ERRORS, to_square_array
+    from counterpoint.train.loop import load_run_model
+
+    if args.beams is not None and args.top_p is not None:
+        raise UserError("caption: give --beams or --top-p, not both")
+    if args.beams is not None and args.beams < 1 or args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError("caption: --beams must be >= 1 and --top-p in (0, 1]")
+    model, tokenizer, _ = load_run_model(args.run_dir)
+    if not hasattr(model, "caption_logits"):
+        raise UserError(f"caption: the model of '{args.run_dir}' has no captioning decoder (objective.name=blip "
+                        f"trains one)")
+    arrays = []
+    for path in args.images:
+        try:
+            with Image.open(path) as img:
+                arrays.append(to_square_array(img.convert("RGB"), model.image_size))
+        except (*IMAGE_ERRORS, FileNotFoundError) as exc:
+            raise UserError(f"caption: cannot read image '{path}' ({exc.__class__.__name__})") from None
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    captions = counterpoint.caption(model, tokenizer, images, beams=args.beams, top_p=args.top_p,
+                                    max_tokens=args.max_tokens, seed=args.seed)
+    for path, text in zip(args.images, captions):
+        print(f"{path}: {text}")
+    return 0
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     """Every setting of the resolved config: value, default (when it differs) and what it means."""
     from counterpoint.config import describe, load_config, load_yaml
@@ -383,6 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--pixels", action="store_true", help="plain pixel parameterisation (the ablation)")
     im.add_argument("--quiet", action="store_true", help="no progress bar")
     im.set_defaults(func=_cmd_imagine)
+
+    cap = sub.add_parser("caption", help="caption images with a trained captioning decoder (BLIP)")
+    cap.add_argument("run_dir", help="a run trained with objective.name=blip")
+    cap.add_argument("images", nargs="+", help="image files")
+    cap.add_argument("--beams", type=int, default=None, help="beam search with this many beams")
+    cap.add_argument("--top-p", type=float, default=None, help="nucleus sampling with this probability mass")
+    cap.add_argument("--max-tokens", type=int, default=30, help="at most this many generated tokens")
+    cap.add_argument("--seed", type=int, default=0, help="nucleus sampling follows from it")
+    cap.set_defaults(func=_cmd_caption)
 
     conf = sub.add_parser("config", help="inspect recipes")
     conf_sub = conf.add_subparsers(dest="config_command", required=True)

@@ -160,10 +160,11 @@ class BLIPText(nn.Module):
 
 class BLIPModel(nn.Module):
     """ViT + the three-mode text transformer + ITC projections, ITM head and temperature. ``token_ids``
-    names ``<pad> <sot> <eot> <enc> <dec>``; ``<sot>`` is the unimodal encoder's first token (BERT's [CLS])."""
+    names ``<pad> <sot> <eot> <enc> <dec>``; ``<sot>`` is the unimodal encoder's first token (BERT's [CLS]);
+    ``prompt_ids``: the tokens every caption starts with (given to the decoder, not generated)."""
 
     def __init__(self, visual: VisionTransformer, text: BLIPText, embed_dim: int, token_ids: Mapping[str, int],
-                 init_temperature: float = 0.07) -> None:
+                 init_temperature: float = 0.07, prompt_ids: list[int] | None = None) -> None:
         super().__init__()
         vision_width = visual.ln_post.normalized_shape[0]
         width = text.token_embed.embedding_dim
@@ -175,6 +176,7 @@ class BLIPModel(nn.Module):
         self.temperature = nn.Parameter(torch.tensor(init_temperature))
         self.pad_id, self.sot_id, self.eot_id = token_ids["<pad>"], token_ids["<sot>"], token_ids["<eot>"]
         self.enc_id, self.dec_id = token_ids["<enc>"], token_ids["<dec>"]
+        self.prompt_ids = list(prompt_ids or [])  # what captions start with ("a picture of"), tokenised
 
     @property
     def image_size(self) -> int:

@@ -94,7 +94,7 @@ class BLIPTask(Task):
     Config = BLIPConfig
     special_tokens = ("<enc>", "<dec>")
 
-    def __init__(self, model: BLIPModel, cfg: BLIPConfig, prompt_ids: list[int]) -> None:
+    def __init__(self, model: BLIPModel, cfg: BLIPConfig) -> None:
         super().__init__()
         self.model, self.cfg = model, cfg
         self.momentum = nn.ModuleDict({part: copy.deepcopy(getattr(model, part)) for part in MOMENTUM_PARTS})
@@ -104,7 +104,6 @@ class BLIPTask(Task):
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.queue_size, dim, generator=gen), dim=1))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.queue_size, dim, generator=gen), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.prompt_ids = prompt_ids
         self.ramp_steps = 1  # the distillation ramp: one epoch, set by set_schedule
         self._keys: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -118,9 +117,8 @@ class BLIPTask(Task):
         text = BLIPText(spec.vocab_size, spec.context_length, spec.text_width, spec.text_layers, spec.text_heads,
                         memory_width=spec.vision_width)
         token_ids = {t: tokenizer.token_id(t) for t in ("<pad>", "<sot>", "<eot>", *cls.special_tokens)}
-        model = BLIPModel(visual, text, spec.embed_dim, token_ids, cfg.init_temperature)
         prompt = tokenizer.encode_ids([cfg.prompt])[0] if cfg.prompt else []
-        return cls(model, cfg, prompt)
+        return cls(BLIPModel(visual, text, spec.embed_dim, token_ids, cfg.init_temperature, prompt), cfg)
 
     @classmethod
     def check_run(cls, cfg: BLIPConfig, global_batch: int) -> None:
@@ -207,11 +205,11 @@ class BLIPTask(Task):
         """``<dec> prompt caption <eot>`` (cut to the context); the caption and ``<eot>`` are the targets."""
         m = self.model
         n, length = tokens.shape
-        prompt = torch.tensor(self.prompt_ids, dtype=torch.long, device=tokens.device).expand(n, -1)
+        prompt = torch.tensor(m.prompt_ids, dtype=torch.long, device=tokens.device).expand(n, -1)
         sequence = torch.cat([tokens[:, :1], prompt, tokens[:, 1:]], dim=1)[:, :length]
         logits = m.caption_logits(image_tokens, sequence)[:, :-1]
         targets = sequence[:, 1:].clone()
-        targets[:, : len(self.prompt_ids)] = m.pad_id  # the prompt is given, not learned
+        targets[:, : len(m.prompt_ids)] = m.pad_id  # the prompt is given, not learned
         scored = targets != m.pad_id  # captions differ in length: the mean is over the global batch's tokens
         total = F.cross_entropy(logits[scored].float(), targets[scored], label_smoothing=self.cfg.label_smoothing,
                                 reduction="sum")
