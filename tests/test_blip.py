@@ -132,3 +132,21 @@ def test_queue_must_hold_whole_global_batches_and_options_are_checked() -> None:
         BLIPConfig(init_temperature=0.9)
     with pytest.raises(ConfigError, match="needs a ViT"):
         BLIPTask.build(BLIPConfig(), resolve_spec("tiny-cnn"), TOKENIZER)
+
+
+def test_reranking_reorders_only_the_itc_top_k() -> None:
+    """A matching head that recognises the true pair lifts it to rank 0 whenever ITC put it in the top k, and
+    cannot help otherwise; a head that scores every pair alike leaves the ITC ranking as it was."""
+    from counterpoint.evaluate.itm_rerank import _ranks
+    from counterpoint.evaluate.retrieval import recall_at_k
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = F.normalize(torch.randn(50, 6, generator=gen), dim=1), F.normalize(torch.randn(50, 6, generator=gen), dim=1)
+    sim = a @ b.T
+    k = 5
+    oracle = _ranks(sim, lambda q, key: 100.0 * (q == key).float(), k)
+    in_top_k = (sim.topk(k, dim=1).indices == torch.arange(50)[:, None]).any(dim=1)
+    assert torch.equal(oracle == 0, in_top_k) and bool((oracle[~in_top_k] == k).all())
+    flat = _ranks(sim, lambda q, key: torch.zeros(len(q)), k)
+    plain = recall_at_k(a, b, (1, 3, 5))
+    assert {f"R@{r}": float((flat < r).float().mean()) for r in (1, 3, 5)} == plain

@@ -298,6 +298,8 @@ def _print_summary(run_dir: Path) -> None:
     if ret:
         parts.append(f"t2i R@1 {ret['text_to_image']['R@1']:.3f}, i2t R@1 {ret['image_to_text']['R@1']:.3f} "
                      f"(n={ret['n']})")
+    if "retrieval_itm" in result:
+        parts.append(f"t2i R@1 re-ranked by ITM {result['retrieval_itm']['text_to_image']['R@1']:.3f}")
     if "linear_probe" in result:
         parts.append(f"linear probe {result['linear_probe']['top1']:.3f}")
     if "attentive_probe" in result:

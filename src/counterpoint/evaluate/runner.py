@@ -5,6 +5,8 @@
 * ``zeroshot``: ``num_classes``, and per subset (``heldout``: images of colour-shape combinations never seen
   in training; ``seen``; ``all``) ``top1``, ``top5`` and ``n``.
 * ``retrieval``: ``n`` pairs, ``image_to_text`` and ``text_to_image`` each with ``R@1``, ``R@5``, ``R@10``.
+* ``retrieval_itm`` (models with a matching head, BLIP): ``retrieval`` with each query's top ``k`` re-ranked
+  by the matching head (``eval.rerank_k``).
 * ``linear_probe``: ``top1`` (test), ``val_top1``, chosen ``l2``, ``n_train``, ``n_test``.
 * ``attentive_probe`` (``eval.attentive_probe``): ``top1`` (test), ``val_top1``, the chosen ``epoch``,
   ``n_train``, ``n_test``.
@@ -25,6 +27,7 @@ from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.evaluate.attentive_probe import attentive_probe
 from counterpoint.evaluate.embed import embed_image_tokens, embed_images, embed_texts
 from counterpoint.evaluate.inputs import resolve_eval_inputs
+from counterpoint.evaluate.itm_rerank import itm_reranked_retrieval
 from counterpoint.evaluate.linear_probe import linear_probe
 from counterpoint.evaluate.retrieval import retrieval_metrics
 from counterpoint.evaluate.zeroshot import class_embeddings, load_labelled, zeroshot_by_subset
@@ -48,6 +51,10 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
         img = embed_images(model, test.images, ecfg.batch_size, device, across_ranks)
         txt = embed_texts(model, tokenizer, test.captions, ecfg.batch_size, device, across_ranks)
         result["retrieval"] = {"n": len(test), **retrieval_metrics(img, txt, tuple(ecfg.recall_at))}
+        if ecfg.rerank_k > 0 and hasattr(model, "match_logits"):
+            result["retrieval_itm"] = {"n": len(test), **itm_reranked_retrieval(
+                model, test.images, tokenizer(test.captions), img, txt, ecfg.rerank_k, tuple(ecfg.recall_at),
+                ecfg.batch_size, device)}
     if ecfg.attentive_probe and not hasattr(model, "encode_image_tokens"):
         result.setdefault("skipped_evaluations", {})["attentive_probe"] = "the model has no image tokens"
     attentive = ecfg.attentive_probe and hasattr(model, "encode_image_tokens")

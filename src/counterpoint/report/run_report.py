@@ -66,6 +66,14 @@ def write_report(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any
         for direction in ("image_to_text", "text_to_image"):
             lines.append(f"| {direction} | " + " | ".join(f"{ret[direction][k]:.4f}" for k in ks) + " |")
         lines.append("")
+    itm = result.get("retrieval_itm")
+    if itm:
+        ks = list(itm["image_to_text"])
+        lines += [f"Re-ranked by the matching head (top {itm['k']} ITC candidates of each query, BLIP's protocol):",
+                  "", "| direction | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
+        for direction in ("image_to_text", "text_to_image"):
+            lines.append(f"| {direction} | " + " | ".join(f"{itm[direction][k]:.4f}" for k in ks) + " |")
+        lines.append("")
     curve = result.get("zeroshot_during_training")
     if curve:
         track = "held-out" if "heldout" in curve else "overall"
