@@ -17,7 +17,7 @@ from counterpoint.data.transforms import normalize
 def _ranks(sim: torch.Tensor, score_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
            k: int) -> torch.Tensor:
     """Rank of each query's own key (index = query index) after re-ranking its top ``k`` by ``score_pairs``
-    (``(query rows, key rows) -> [n] scores``); ``k`` if the key is not among the candidates."""
+    (``(query rows, key rows) -> [n] scores``); a key outside the top ``k`` keeps its ITC rank (>= k)."""
     n = sim.shape[0]
     top = sim.topk(min(k, sim.shape[1]), dim=1).indices  # [N, k]
     queries = torch.arange(n)[:, None].expand_as(top)
@@ -25,7 +25,8 @@ def _ranks(sim: torch.Tensor, score_pairs: Callable[[torch.Tensor, torch.Tensor]
     found = top == torch.arange(n)[:, None]
     true = (scores * found).sum(dim=1, keepdim=True)
     higher = (scores > true).sum(dim=1)
-    return torch.where(found.any(dim=1), higher, torch.full_like(higher, k))
+    itc_rank = (sim > sim.diagonal()[:, None]).sum(dim=1)
+    return torch.where(found.any(dim=1), higher, itc_rank)
 
 
 @torch.no_grad()
