@@ -24,7 +24,7 @@ def blip_run(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
                       warmup_steps=4, threads=1)
     cfg.model.name, cfg.model.context_length = "tiny-vit", 40
     cfg.objective = BLIPConfig(queue_size=128)
-    cfg.eval.linear_probe, cfg.eval.rerank_k = False, 8
+    cfg.eval.linear_probe, cfg.eval.rerank_k, cfg.eval.captions = False, 8, 12
     return train(cfg)
 
 
@@ -43,7 +43,13 @@ def test_blip_learns_to_caption_and_evaluates_with_reranking(blip_run: Path) -> 
     # re-ranking moves keys within the top 8 only: at K >= 8 the hits are ITC's
     for direction in ("image_to_text", "text_to_image"):
         assert itm[direction]["R@10"] == result["retrieval"][direction]["R@10"]
-    assert "Re-ranked by the matching head" in (blip_run / "report.md").read_text()
+    report = (blip_run / "report.md").read_text()
+    assert "Re-ranked by the matching head" in report and "## Captioning" in report
+    captioning = result["captioning"]
+    assert captioning["n"] == 12 and captioning["references_per_image"] == 5 and len(captioning["examples"]) == 8
+    assert 0 <= captioning["bleu4"] <= 1 and captioning["cider"] >= 0
+    assert set(captioning["attributes"]) == {"all", "one_object"} and captioning["attributes"]["all"]["n"] == 12
+    assert (blip_run / captioning["grid"]).is_file()
 
 
 def test_caption_command(blip_run: Path, small_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

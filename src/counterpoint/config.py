@@ -159,6 +159,7 @@ class EvalConfig:
     attentive_probe: bool = False  # a learned attention pooling + linear layer on the frozen image tokens
     recall_at: tuple[int, ...] = (1, 5, 10)  # the K of Recall@K
     rerank_k: int = 16  # models with a matching head (BLIP): re-rank each query's top-k by it (0: off)
+    captions: int = 256  # models with a decoder (BLIP): caption this many test images and score them (0: off)
     batch_size: int = 512  # images or texts embedded at once
     max_retrieval_samples: int | None = None  # use at most this many test pairs (null: all)
     imagine: int = 8  # class prompts imagined for the report's picture grid (0: none)
@@ -204,6 +205,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         (cfg.eval.imagine_steps >= 1, "eval.imagine_steps must be >= 1"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0 (0: evaluate only at the end)"),
         (cfg.eval.rerank_k >= 0, "eval.rerank_k must be >= 0 (0: no re-ranking)"),
+        (cfg.eval.captions >= 0, "eval.captions must be >= 0 (0: no captioning evaluation)"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (contrastive losses need negatives)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),

@@ -7,6 +7,9 @@
 * ``retrieval``: ``n`` pairs, ``image_to_text`` and ``text_to_image`` each with ``R@1``, ``R@5``, ``R@10``.
 * ``retrieval_itm`` (models with a matching head, BLIP): ``retrieval`` with each query's top ``k`` re-ranked
   by the matching head (``eval.rerank_k``).
+* ``captioning`` (models with a decoder, BLIP; ``eval.captions`` test images): ``n``, ``method``, ``bleu4``,
+  ``cider`` (5 references per world scene), ``attributes`` (per attribute precision / recall against the
+  scenes, for all and one-object scenes), ``examples`` and the picture ``grid``.
 * ``linear_probe``: ``top1`` (test), ``val_top1``, chosen ``l2``, ``n_train``, ``n_test``.
 * ``attentive_probe`` (``eval.attentive_probe``): ``top1`` (test), ``val_top1``, the chosen ``epoch``,
   ``n_train``, ``n_test``.
@@ -17,6 +20,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +29,7 @@ from counterpoint.config import RunConfig
 from counterpoint.data.pairs import load_pairs
 from counterpoint.data.tokenizer import Tokenizer
 from counterpoint.evaluate.attentive_probe import attentive_probe
+from counterpoint.evaluate.captioning import evaluate_captions
 from counterpoint.evaluate.embed import embed_image_tokens, embed_images, embed_texts
 from counterpoint.evaluate.inputs import resolve_eval_inputs
 from counterpoint.evaluate.itm_rerank import itm_reranked_retrieval
@@ -32,12 +37,15 @@ from counterpoint.evaluate.linear_probe import linear_probe
 from counterpoint.evaluate.retrieval import retrieval_metrics
 from counterpoint.evaluate.zeroshot import class_embeddings, load_labelled, zeroshot_by_subset
 from counterpoint.models.two_tower import TwoTower
+from counterpoint.visualize.grid import save_pictures
 
 
 def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device: torch.device,
-                   progress: bool = False, across_ranks: bool = False) -> dict[str, Any]:
+                   progress: bool = False, across_ranks: bool = False,
+                   picture_dir: Path | None = None) -> dict[str, Any]:
     """Every configured evaluation of ``model``. ``across_ranks``: every rank of the process group calls this
-    and the work is shared (embeddings by shard, linear-probe fits by grid point); all get the same result."""
+    and the work is shared (embeddings by shard, linear-probe fits by grid point); all get the same result.
+    ``picture_dir``: where evaluations with pictures (captioned test images) put them."""
     result: dict[str, Any] = {"data": {"skipped": {}}}
     inputs = resolve_eval_inputs(cfg)
     if inputs.skipped:
@@ -55,6 +63,15 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
             result["retrieval_itm"] = {"n": len(test), **itm_reranked_retrieval(
                 model, test.images, tokenizer(test.captions), img, txt, ecfg.rerank_k, tuple(ecfg.recall_at),
                 ecfg.batch_size, device)}
+        if ecfg.captions > 0 and hasattr(model, "caption_logits"):
+            n = min(ecfg.captions, len(test))
+            result["captioning"] = evaluate_captions(model, tokenizer, test.images[:n], test.captions[:n],
+                                                     test.keys[:n], inputs.test)
+            if picture_dir is not None:
+                shown = result["captioning"]["examples"]
+                save_pictures(test.images[: len(shown)], [e["caption"] for e in shown], picture_dir / "captions",
+                              title="captions of test images")
+                result["captioning"]["grid"] = "captions/grid.png"
     if ecfg.attentive_probe and not hasattr(model, "encode_image_tokens"):
         result.setdefault("skipped_evaluations", {})["attentive_probe"] = "the model has no image tokens"
     attentive = ecfg.attentive_probe and hasattr(model, "encode_image_tokens")

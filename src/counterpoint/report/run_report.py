@@ -74,6 +74,22 @@ def write_report(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any
         for direction in ("image_to_text", "text_to_image"):
             lines.append(f"| {direction} | " + " | ".join(f"{itm[direction][k]:.4f}" for k in ks) + " |")
         lines.append("")
+    cap = result.get("captioning")
+    if cap:
+        lines += ["## Captioning", "", f"{cap['n']} test images captioned ({cap['method']}); "
+                  + (f"BLEU-4 {cap['bleu4']:.4f}, CIDEr {cap['cider']:.4f} against {cap['references_per_image']} "
+                     f"references per image." if "bleu4" in cap else cap.get("bleu_cider_skipped", "")), ""]
+        attributes = cap.get("attributes")
+        if attributes:
+            lines += ["What the captions name against what the scenes hold (precision / recall):", "",
+                      "| scenes | n | size | colour | shape | place |", "|---|---|---|---|---|---|"]
+            for group, s in attributes.items():
+                cells = [f"{s[f'{a}_precision']:.3f} / {s[f'{a}_recall']:.3f}" for a in ("size", "colour", "shape",
+                                                                                      "place")]
+                lines.append(f"| {group.replace('_', ' ')} | {s['n']} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if cap.get("grid"):
+            lines += [f"![captions of test images]({cap['grid']})", ""]
     curve = result.get("zeroshot_during_training")
     if curve:
         track = "held-out" if "heldout" in curve else "overall"

@@ -531,7 +531,7 @@ def finalize_run(run_dir: Path, model: TwoTower, tokenizer: Tokenizer, cfg: RunC
     rank, world_size = world_info()
     t0 = time.perf_counter()
     result = evaluate_model(model, tokenizer, cfg, device, progress=cfg.train.progress and rank == 0,
-                            across_ranks=world_size > 1)
+                            across_ranks=world_size > 1, picture_dir=out_dir if rank == 0 else None)
     if rank > 0:  # every rank took part in the evaluation; rank 0 writes the results
         return result
     train_info = read_data_info(run_dir / "data.json")
