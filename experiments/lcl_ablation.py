@@ -30,10 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
+import counterpoint
 from counterpoint.data.documents import iter_documents
+from counterpoint.data.pairs import load_pairs
 from counterpoint.data.readers import SkipStats
+from counterpoint.data.transforms import normalize
 from counterpoint.data.writers import Record, ShardWriter
 from counterpoint.train.balance_compare import _stat as stat
 
@@ -45,7 +49,19 @@ VARIANTS: dict[str, list[str]] = {
     "clip": ["objective.name=clip", "model.context_length=48"],
 }
 METRICS = {"linear probe top-1": "linear_probe.top1", "attentive probe top-1": "attentive_probe.top1",
-           "zero-shot top-1": "zeroshot.all.top1"}
+           "zero-shot top-1": "zeroshot.all.top1", "latent spread": "latent_spread"}
+
+
+def latent_spread(run: Path, world: Path) -> float:
+    """How much the image latents vary across images, relative to their mean: the mean distance of a raw
+    latent from the mean latent over the mean latent's norm, on 512 labelled images. Collapse (every image
+    the same latent) drives it to 0; a linear probe standardises features and can still read what is left."""
+    model, _ = counterpoint.load_checkpoint(run)
+    images = load_pairs(str(world / "zeroshot"), model.image_size, limit=512).images
+    with torch.no_grad():
+        z = model.encode_image(normalize(images), normalize=False)
+    centre = z.mean(dim=0)
+    return float((z - centre).norm(dim=1).mean() / centre.norm())
 
 
 def story_pairs(stories: Path, out: Path, limit: int) -> int:
@@ -81,6 +97,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]
         with (args.out / f"{variant}-seed{seed}.log").open("w") as log:
             subprocess.run(command(args, variant, seed, out), check=True, stdout=log, stderr=subprocess.STDOUT)
     result = json.loads((out / "eval.json").read_text())
+    result["latent_spread"] = latent_spread(out, args.world)
     values = {}
     for label, key in METRICS.items():
         value: Any = result
