@@ -152,3 +152,11 @@ def test_reranking_reorders_only_the_itc_top_k() -> None:
     flat = _ranks(sim, lambda q, key: torch.zeros(len(q)), k)
     plain = recall_at_k(a, b, (1, 3, 5))
     assert {f"R@{r}": float((flat < r).float().mean()) for r in (1, 3, 5)} == plain
+
+
+def test_hard_negatives_survive_a_dominant_positive() -> None:
+    """At a sharp temperature the positive's softmax weight is 1.0 in float32 and the rest underflow; the
+    draw must still pick among the others (the diagonal is masked before the softmax)."""
+    sim = (torch.full((4, 4), -0.2) + 1.2 * torch.eye(4)) / 0.001
+    draws = hard_negatives(sim, torch.Generator().manual_seed(0))
+    assert bool((draws != torch.arange(4)).all())

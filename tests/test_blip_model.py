@@ -109,3 +109,12 @@ def test_nucleus_with_a_tiny_top_p_is_greedy() -> None:
     model = _model(4)
     images = torch.randn(3, 3, 8, 8)
     assert nucleus(model, images, [], 1e-6, 6, torch.Generator().manual_seed(0)) == greedy(model, images, [], 6)
+
+
+def test_beam_search_of_an_image_does_not_depend_on_its_batch() -> None:
+    """An image is done once it has as many endings as beams, whatever the others in the batch still do."""
+    model = _model(5)
+    images = torch.randn(5, 3, 8, 8)
+    together = beam_search(model, images, [], beams=3, max_tokens=8)
+    alone = [beam_search(model, images[i : i + 1], [], beams=3, max_tokens=8)[0] for i in range(5)]
+    assert together == alone

@@ -158,3 +158,22 @@ def test_pair_shards_stream_as_documents(tmp_path: Path) -> None:
     assert len(first) == 48 and set(first) == {"IT", "TI"} and orders(0) == first and orders(1) != first
     texts = read_document_texts([source], 10)
     assert len(texts) == 10 and all(isinstance(t, str) and t for t in texts)
+
+
+def test_single_files_of_pairs_or_shards_and_corrupt_files(tmp_path: Path) -> None:
+    make_world(tmp_path / "w", WorldConfig(seed=8), "csv", train=6, test=2, zeroshot=4, progress=False)
+    assert detect_document_format(str(tmp_path / "w" / "train" / "pairs.csv")) == "pairs"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    (docs / "red.png").write_bytes(_png((255, 0, 0)))
+    _jsonl(docs / "b.jsonl", [{"texts": ["kept", None], "images": [None, "red.png"]}])
+    skips = SkipStats()
+    assert len(list(iter_documents(str(docs), skips))) == 1 and dict(skips.counts) == {"corrupt_file": 1}
+    with pytest.raises(DataError, match="no document could be read"):
+        detect_document_format(str(docs / "a.jsonl.zip"))
+    pytest.importorskip("pyarrow")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 garbage PAR1")
+    skips = SkipStats()
+    assert list(iter_documents(str(tmp_path / "broken.parquet"), skips)) == []
+    assert dict(skips.counts) == {"corrupt_file": 1}

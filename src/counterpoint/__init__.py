@@ -70,10 +70,10 @@ def imagine(model: TwoTower, tokenizer: Tokenizer, texts: str | list[str], steps
 
 @torch.no_grad()
 def caption(model: torch.nn.Module, tokenizer: Tokenizer, images: torch.Tensor, beams: int | None = None,
-            top_p: float | None = None, max_tokens: int = 30, seed: int = 0) -> list[str]:
+            top_p: float | None = None, max_tokens: int = 30, seed: int = 0, with_prompt: bool = True) -> list[str]:
     """Captions of ``[N, 3, S, S]`` uint8 images by a model with a captioning decoder (BLIP): greedy, beam
     search with ``beams``, or nucleus sampling with ``top_p`` (deterministic from ``seed``); each starts with
-    the model's prompt ("a picture of ...")."""
+    the model's prompt ("a picture of ...") unless ``with_prompt`` is false (as BLIP scores captions)."""
     from counterpoint.models.decoding import beam_search, greedy, nucleus
 
     if not hasattr(model, "caption_logits"):
@@ -89,5 +89,5 @@ def caption(model: torch.nn.Module, tokenizer: Tokenizer, images: torch.Tensor, 
         ids = nucleus(model, x, prompt, top_p, max_tokens, torch.Generator().manual_seed(seed))
     else:
         ids = greedy(model, x, prompt, max_tokens)
-    return [tokenizer.decode(torch.tensor(prompt + row)) for row in ids]
+    return [tokenizer.decode(torch.tensor((prompt if with_prompt else []) + row)) for row in ids]
 

@@ -8,7 +8,8 @@ drops in a :class:`~counterpoint.data.readers.SkipStats`, by reason:
 * ``unreadable_image``: an image that cannot be read or decoded is dropped alone; its document is kept if
   something is left;
 * ``no_image`` / ``no_text``: a document left without any usable image or without any text is skipped;
-* ``bad_row``: a line or row that is not a document of the format;
+* ``bad_row``: a line or row that is not a document of the format; ``corrupt_file``: a zip or Parquet file
+  that cannot be read on (the documents before the damage are kept);
 * MMC4's own filters (``image_below_similarity``: CLIP similarity to its sentence < 0.24,
   ``image_over_limit``: beyond the 6th image), which are the format's rules rather than damage.
 
@@ -54,6 +55,7 @@ from counterpoint.errors import DataError
 MMC4_MIN_SIMILARITY = 0.24  # MMC4 / LCL: an image whose best sentence matches worse than this is dropped
 MMC4_MAX_IMAGES = 6  # LCL keeps at most 6 images per MMC4 document
 
+DOCUMENT_SUFFIXES = (".jsonl", ".jsonl.zip", ".parquet")
 Item = str | Image.Image
 
 
@@ -129,10 +131,10 @@ def mmc4_document(row: Any, image_dir: Path, where: str, skips: SkipStats, seed:
     for j, entry in enumerate(info):
         try:
             name, index, sim = entry["image_name"], int(entry["matched_text_index"]), float(entry["matched_sim"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
             skips.skip("bad_row", f"{where} image {j}")
             continue
-        if sim < MMC4_MIN_SIMILARITY:
+        if not sim >= MMC4_MIN_SIMILARITY:  # NaN fails this too
             skips.skip("image_below_similarity", f"{where} image {j}")
         elif not 0 <= index < len(sentences):
             skips.skip("bad_row", f"{where} image {j}")
@@ -197,10 +199,13 @@ def _jsonl_rows(path: Path, skips: SkipStats) -> Iterator[tuple[str, Any]]:
     """``(where, row)`` for every line of a ``.jsonl`` file or of the ``.jsonl`` members of a ``.zip``; lines
     that are not JSON are counted as ``bad_row``."""
     if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as zf:
-            for name in sorted(n for n in zf.namelist() if n.endswith(".jsonl")):
-                yield from _lines(zf.read(name).decode("utf-8", "replace").splitlines(),
-                                  f"{path.name}/{name}", skips)
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for name in sorted(n for n in zf.namelist() if n.endswith(".jsonl")):
+                    text = zf.read(name).decode("utf-8", "replace")
+                    yield from _lines(text.splitlines(), f"{path.name}/{name}", skips)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError):
+            skips.skip("corrupt_file", path.name)  # what was read before the damage stays read
         return
     with open(path, encoding="utf-8", errors="replace") as fh:
         yield from _lines(fh, path.name, skips)
@@ -216,26 +221,28 @@ def _lines(lines: Iterable[str], name: str, skips: SkipStats) -> Iterator[tuple[
             skips.skip("bad_row", f"{name}:{n}")
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _parquet_rows(path: Path, skips: SkipStats) -> Iterator[tuple[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading '{path}' needs pyarrow: pip install 'counterpoint[documents]'") from None
-    table = pq.ParquetFile(path)
     n = 0
-    for batch in table.iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            n += 1
-            yield f"{path.name}:{n}", row
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"{path.name}:{n}", row
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+        skips.skip("corrupt_file", f"{path.name} ({exc.__class__.__name__})")
 
 
 def document_files(path: str) -> list[Path]:
     """The files a document path names: the file itself, or the document files in a folder (sorted)."""
     p = Path(path)
     if p.is_file():
-        return [p]
+        return [p] if p.name.endswith(DOCUMENT_SUFFIXES) else []
     if p.is_dir():
-        return sorted(f for f in p.iterdir() if f.name.endswith((".jsonl", ".jsonl.zip", ".parquet")))
+        return sorted(f for f in p.iterdir() if f.name.endswith(DOCUMENT_SUFFIXES))
     return []
 
 
@@ -250,17 +257,17 @@ def detect_document_format(path: str) -> str:
                 for _, members in iter_tar_groups(tar_path, SkipStats()):
                     return "shards" if is_document_sample(members) else "pairs"
         return "pairs"
-    first = files[0]
-    if first.suffix == ".parquet":
-        return "obelics"
-    for _, row in _jsonl_rows(first, SkipStats()):
-        if isinstance(row, dict) and "text_list" in row:
-            return "mmc4"
-        if isinstance(row, dict) and "texts" in row:
+    for file in files:  # the first file with a readable first row decides
+        if file.suffix == ".parquet":
             return "obelics"
-        break
-    raise DataError(f"'{first}' holds neither OBELICS-style documents (\"texts\" / \"images\") nor MMC4 ones "
-                    f"(\"text_list\" / \"image_info\")")
+        for _, row in _jsonl_rows(file, SkipStats()):
+            if isinstance(row, dict) and "text_list" in row:
+                return "mmc4"
+            if isinstance(row, dict) and "texts" in row:
+                return "obelics"
+            raise DataError(f"'{file}' holds neither OBELICS-style documents (\"texts\" / \"images\") nor MMC4 "
+                            f"ones (\"text_list\" / \"image_info\")")
+    raise DataError(f"no document could be read from '{path}' (every file is empty or damaged)")
 
 
 def iter_documents(path: str, skips: SkipStats, seed: int = 0, caption_key: str = "txt") -> Iterator[Document]:
@@ -281,7 +288,7 @@ def iter_documents(path: str, skips: SkipStats, seed: int = 0, caption_key: str 
         return
     for file in document_files(path):
         base = file.parent
-        rows = _parquet_rows(file) if file.suffix == ".parquet" else _jsonl_rows(file, skips)
+        rows = _parquet_rows(file, skips) if file.suffix == ".parquet" else _jsonl_rows(file, skips)
         for where, row in rows:
             if fmt == "mmc4":
                 image_dir = base / "images" if (base / "images").is_dir() else base

@@ -78,11 +78,11 @@ def bleu_cider(captions: list[str], references: list[list[str]]) -> dict[str, fl
 
 def evaluate_captions(model: torch.nn.Module, tokenizer: Any, images: torch.Tensor, stored: list[str],
                       keys: list[str], test_path: str, beams: int = 3) -> dict[str, Any]:
-    """Beam-search captions of ``images`` (uint8, the test pairs' first ``n``) scored against references
-    and, on a world split, against the scenes."""
+    """Beam-search captions of ``images`` (uint8, the test pairs' first ``n``), without the prompt, scored
+    against references and, on a world split, against the scenes."""
     import counterpoint
 
-    captions = counterpoint.caption(model, tokenizer, images, beams=beams)
+    captions = counterpoint.caption(model, tokenizer, images, beams=beams, with_prompt=False)  # BLIP's scoring
     result: dict[str, Any] = {"n": len(captions), "method": f"beam search, {beams} beams",
                               "examples": [{"key": k, "caption": c, "reference": r}
                                            for k, c, r in list(zip(keys, captions, stored))[:8]]}

@@ -18,10 +18,11 @@ def _ranks(sim: torch.Tensor, score_pairs: Callable[[torch.Tensor, torch.Tensor]
            k: int) -> torch.Tensor:
     """Rank of each query's own key (index = query index) after re-ranking its top ``k`` by ``score_pairs``
     (``(query rows, key rows) -> [n] scores``); a key outside the top ``k`` keeps its ITC rank (>= k)."""
+    sim = sim.cpu()
     n = sim.shape[0]
     top = sim.topk(min(k, sim.shape[1]), dim=1).indices  # [N, k]
     queries = torch.arange(n)[:, None].expand_as(top)
-    scores = score_pairs(queries.flatten(), top.flatten()).view_as(top) + sim.gather(1, top)
+    scores = score_pairs(queries.flatten(), top.flatten()).cpu().view_as(top) + sim.gather(1, top)
     found = top == torch.arange(n)[:, None]
     true = (scores * found).sum(dim=1, keepdim=True)
     higher = (scores > true).sum(dim=1)

@@ -119,9 +119,9 @@ def beam_search(model: BLIPModel, images: torch.Tensor, prompt: list[int], beams
         for i in range(n):
             kept = 0
             for s, j in zip(top[i].tolist(), idx[i].tolist()):
-                beam, tok = divmod(j, vocab)
-                if s == float("-inf"):
+                if s == float("-inf") or len(finished[i]) >= beams:  # nothing live, or the image is done
                     break
+                beam, tok = divmod(j, vocab)
                 if tok == model.eot_id:
                     words = seq[i * beams + beam, start:].tolist()
                     finished[i].append((s / max(len(words) + 1, 1) ** length_penalty, words))
@@ -138,7 +138,9 @@ def beam_search(model: BLIPModel, images: torch.Tensor, prompt: list[int], beams
             break
     out = []
     for i in range(n):
-        live = [(scores[i, b].item() / (seq.shape[1] - start) ** length_penalty, seq[i * beams + b, start:].tolist())
-                for b in range(beams) if scores[i, b] > float("-inf")]
+        # an image with `beams` endings is done; one cut off by max_tokens lets its live beams compete
+        live = [] if len(finished[i]) >= beams else [
+            (scores[i, b].item() / (seq.shape[1] - start) ** length_penalty, seq[i * beams + b, start:].tolist())
+            for b in range(beams) if scores[i, b] > float("-inf")]
         out.append(max(finished[i] + live, key=lambda h: h[0])[1])
     return out

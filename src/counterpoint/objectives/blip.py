@@ -82,8 +82,10 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def hard_negatives(similarity: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """For each row of the global ``[B, B]`` similarity (row i's positive at column i), one column drawn with
     probability ``softmax(row)`` with the positive excluded."""
-    weights = similarity.float().softmax(dim=1)
-    weights.fill_diagonal_(0)
+    # the diagonal is masked before the softmax: zeroing it after could leave a row of underflowed zeros once
+    # the positive dominates (a sharp temperature), which multinomial refuses
+    eye = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
+    weights = similarity.float().masked_fill(eye, float("-inf")).softmax(dim=1)
     return torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1).to(similarity.device)
 
 
@@ -122,6 +124,9 @@ class BLIPTask(Task):
 
     @classmethod
     def check_run(cls, cfg: BLIPConfig, global_batch: int) -> None:
+        if global_batch < 2:
+            raise ConfigError("objective.name=blip needs train.batch_size >= 2 (ITM draws its hard negatives from "
+                              "the other pairs of the batch)")
         if cfg.queue_size % global_batch:
             raise ConfigError(f"objective.queue_size={cfg.queue_size} must be a multiple of the global batch "
                               f"train.batch_size={global_batch} (whole batches enter and leave the queue)")
