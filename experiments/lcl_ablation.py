@@ -14,7 +14,7 @@ Every run is an ordinary ``counterpoint train`` run under ``--out`` (reused when
 at once with one thread each), evaluated by the frozen-encoder linear probe and attentive probe on the world's
 64-class labelled images. Writes ``summary.json`` and ``summary.md`` (mean and sample std over seeds).
 
-    counterpoint data make world --out data/stories-world --train 256 --test 1000 --stories 20000
+    counterpoint data make world --out data/stories-world --train 256 --test 1000 --stories 3000
     python experiments/lcl_ablation.py --world data/stories-world --out runs/lcl-ablation
 """
 
@@ -123,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=Path, required=True, help="a world written with --stories")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--stories", type=int, default=5000, help="stories read (the budget)")
+    parser.add_argument("--stories", type=int, default=3000, help="stories read (the budget)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=float, default=2)
