@@ -177,3 +177,20 @@ def test_single_files_of_pairs_or_shards_and_corrupt_files(tmp_path: Path) -> No
     skips = SkipStats()
     assert list(iter_documents(str(tmp_path / "broken.parquet"), skips)) == []
     assert dict(skips.counts) == {"corrupt_file": 1}
+
+
+def test_documents_command_refuses_a_non_empty_output_and_bad_sizes(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from counterpoint.cli import main
+
+    (tmp_path / "red.png").write_bytes(_png((255, 0, 0)))
+    _jsonl(tmp_path / "docs.jsonl", [{"texts": ["a", None], "images": [None, "red.png"]}])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("taken")
+    assert main(["data", "documents", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["data", "documents", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o2"),
+                 "--docs-per-shard", "0"]) == 2
+    assert main(["data", "documents", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o3"), "--quiet"]) == 0
+    assert "wrote 1 documents (obelics)" in capsys.readouterr().out
+    assert detect_document_format(str(tmp_path / "o3")) == "shards"
