@@ -152,6 +152,17 @@ SHRINK: dict[str, Shrink] = {
     "counterpoint config show configs/clip_world.yaml train.lr=1e-3": Shrink("main"),
     'counterpoint imagine runs/clip-world "a red star" "a large blue circle at the top left" --out imagined': Shrink(
         "main", _o("--steps 3 --quiet"), writes=("imagined/grid.png",)),
+    # LCL and BLIP: the stories world rewrites data/world with the same pairs (same seed and sizes) plus stories
+    "counterpoint data make world --out data/world --stories 3000": Shrink(
+        "main", WORLD + ("--overwrite",), replace=(("3000", "8"),), writes=("data/world/stories/stories.jsonl",)),
+    "counterpoint train configs/lcl_stories.yaml": Shrink(
+        "main", TRAIN + _o("train.batch_size=4 eval.imagine=0"), writes=("runs/lcl-stories/eval.json",)),
+    "counterpoint data make world --out data/stories-world --train 256 --test 1000 --stories 3000": Shrink(
+        "main", WORLD, replace=(("3000", "4"),), writes=("data/stories-world/stories/stories.jsonl",)),
+    "counterpoint train configs/blip_world.yaml": Shrink(
+        "main", TRAIN + _o("objective.queue_size=64 eval.captions=4 eval.imagine=0"),
+        writes=("runs/blip-world/eval.json", "runs/blip-world/captions/grid.png")),
+    "counterpoint caption runs/blip-world some.png other.jpg --beams 3": Shrink("main", _o("--max-tokens 4")),
     # Data for balanced multimodal learning, and balance runs
     "counterpoint data make shortcut --out data/shortcut [--shortcut 1.0] [--noise 0] [--train 6000] [--seed 0]":
         Shrink("balance", _o("--train 48 --val 16 --test 16"), writes=("data/shortcut.safetensors",)),
@@ -207,10 +218,12 @@ def test_every_command_has_a_shrink_entry() -> None:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The working directory of every command: ``configs/`` and a tiny CREMA-D-style layout."""
+    """The working directory of every command: ``configs/``, a tiny CREMA-D-style layout and two images."""
     work = tmp_path_factory.mktemp("readme")
     shutil.copytree(REPO / "configs", work / "configs")
     _write_av_layout(work / CREMA_D)
+    Image.new("RGB", (40, 32), (220, 40, 40)).save(work / "some.png")  # for the caption command
+    Image.new("RGB", (32, 48), (40, 40, 220)).save(work / "other.jpg")
     return work
 
 
