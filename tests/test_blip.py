@@ -160,3 +160,19 @@ def test_hard_negatives_survive_a_dominant_positive() -> None:
     sim = (torch.full((4, 4), -0.2) + 1.2 * torch.eye(4)) / 0.001
     draws = hard_negatives(sim, torch.Generator().manual_seed(0))
     assert bool((draws != torch.arange(4)).all())
+
+
+def test_grad_checkpointing_covers_the_text_blocks_and_keeps_the_gradients() -> None:
+    from counterpoint.models.layers import set_grad_checkpointing
+
+    batch = _batch()
+    grads = []
+    for enabled in (False, True):
+        task = _task()
+        assert set_grad_checkpointing(task.model, enabled) == 2  # the ViT's stack and the text blocks
+        losses, _ = task(batch)
+        sum(losses.values()).backward()
+        grads.append({n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

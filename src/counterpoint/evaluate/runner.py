@@ -72,9 +72,9 @@ def evaluate_model(model: TwoTower, tokenizer: Tokenizer, cfg: RunConfig, device
                 save_pictures(test.images[: len(shown)], [e["caption"] for e in shown], picture_dir / "captions",
                               title="captions of test images")
                 result["captioning"]["grid"] = "captions/grid.png"
-    if ecfg.attentive_probe and not hasattr(model, "encode_image_tokens"):
-        result.setdefault("skipped_evaluations", {})["attentive_probe"] = "the model has no image tokens"
     attentive = ecfg.attentive_probe and hasattr(model, "encode_image_tokens")
+    if ecfg.attentive_probe and not attentive:
+        result.setdefault("skipped_evaluations", {})["attentive_probe"] = "the model has no image tokens"
     if (ecfg.zeroshot or ecfg.linear_probe or attentive) and inputs.zeroshot:
         labelled = load_labelled(inputs, size, cfg.data.caption_key, progress)
         result["data"]["skipped"]["zeroshot"] = labelled.skips.as_dict()

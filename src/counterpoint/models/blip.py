@@ -137,6 +137,7 @@ class BLIPText(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
         self.blocks = nn.ModuleList(BLIPTextBlock(width, heads, memory_width) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
+        self.grad_checkpointing = False  # see models.layers.set_grad_checkpointing
         init_transformer(self, layers)
 
     def forward(self, tokens: torch.Tensor, mode: str, memory: torch.Tensor | None = None,
@@ -151,7 +152,10 @@ class BLIPText(nn.Module):
             cache.cross_kv = [None] * len(self.blocks)
         x = self.token_embed(tokens) + self.pos_embed[:, start : start + tokens.shape[1]]
         for i, block in enumerate(self.blocks):
-            x = block(x, mode, memory, key_mask, cache, i)
+            if self.grad_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, mode, memory, key_mask, use_reentrant=False)
+            else:
+                x = block(x, mode, memory, key_mask, cache, i)
         return self.ln_final(x)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:

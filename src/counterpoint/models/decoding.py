@@ -8,6 +8,8 @@ result is the new tokens only (no prompt, no ``<eot>``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from counterpoint.models.blip import BLIPModel, DecoderCache
@@ -50,21 +52,27 @@ def _room(model: BLIPModel, prefix_length: int, max_tokens: int) -> int:
     return min(max_tokens, model.text.context_length - prefix_length)
 
 
-@torch.no_grad()
-def greedy(model: BLIPModel, images: torch.Tensor, prompt: list[int], max_tokens: int = 30,
-           use_cache: bool = True) -> list[list[int]]:
-    """The most likely next token at every step."""
+def _token_by_token(model: BLIPModel, images: torch.Tensor, prompt: list[int], max_tokens: int, use_cache: bool,
+                    choose: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int]]:
+    """One token per image per step, picked by ``choose`` from the next-token logits, until every caption has
+    ended or ``max_tokens`` are written."""
     seq = _start(model, len(images), prompt, images.device)
     decoder = _Decoder(model, model.image_tokens(images), use_cache)
     done = torch.zeros(len(images), dtype=torch.bool, device=images.device)
     for _ in range(_room(model, seq.shape[1], max_tokens)):
-        nxt = decoder.next_logits(seq).argmax(dim=-1)
-        nxt = torch.where(done, model.eot_id, nxt)
+        nxt = torch.where(done, model.eot_id, choose(decoder.next_logits(seq)))
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         done |= nxt == model.eot_id
         if bool(done.all()):
             break
     return _strip(seq, 1 + len(prompt), model.eot_id)
+
+
+@torch.no_grad()
+def greedy(model: BLIPModel, images: torch.Tensor, prompt: list[int], max_tokens: int = 30,
+           use_cache: bool = True) -> list[list[int]]:
+    """The most likely next token at every step."""
+    return _token_by_token(model, images, prompt, max_tokens, use_cache, lambda logits: logits.argmax(dim=-1))
 
 
 @torch.no_grad()
@@ -74,23 +82,15 @@ def nucleus(model: BLIPModel, images: torch.Tensor, prompt: list[int], top_p: fl
     """Sample each token from the smallest set of most likely tokens whose probability reaches ``top_p``."""
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    seq = _start(model, len(images), prompt, images.device)
-    decoder = _Decoder(model, model.image_tokens(images), use_cache)
-    done = torch.zeros(len(images), dtype=torch.bool, device=images.device)
-    for _ in range(_room(model, seq.shape[1], max_tokens)):
-        probs = decoder.next_logits(seq).float().softmax(dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        sorted_p, order = logits.float().softmax(dim=-1).sort(dim=-1, descending=True)
         # keep a token while the mass before it is below top_p (the first token always stays)
-        keep = (sorted_p.cumsum(dim=-1) - sorted_p) < top_p
-        sorted_p = sorted_p * keep
+        sorted_p = sorted_p * ((sorted_p.cumsum(dim=-1) - sorted_p) < top_p)
         choice = torch.multinomial(sorted_p.cpu(), 1, generator=generator).to(order.device)
-        nxt = order.gather(1, choice).squeeze(1)
-        nxt = torch.where(done, model.eot_id, nxt)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-        done |= nxt == model.eot_id
-        if bool(done.all()):
-            break
-    return _strip(seq, 1 + len(prompt), model.eot_id)
+        return order.gather(1, choice).squeeze(1)
+
+    return _token_by_token(model, images, prompt, max_tokens, use_cache, sample)
 
 
 @torch.no_grad()

@@ -108,6 +108,18 @@ class Transformer(nn.Module):
         return x
 
 
+def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Recompute every transformer block's activations in the backward pass instead of storing them (Chen et
+    al. 2016, "Training Deep Nets with Sublinear Memory Cost"): same gradients, activation memory of one block
+    per stack, about one extra forward. Applies to every block stack in ``model`` (a submodule with a
+    ``grad_checkpointing`` flag); returns how many. A CNN tower is left as it is: recomputing BatchNorm in
+    training mode would update its running statistics twice per step."""
+    stacks = [m for m in model.modules() if hasattr(m, "grad_checkpointing")]
+    for m in stacks:
+        m.grad_checkpointing = enabled
+    return len(stacks)
+
+
 def init_transformer(module: nn.Module, layers: int) -> None:
     """GPT-2 style init: N(0, 0.02) for linears and embeddings, residual projections scaled by 1/sqrt(2L)
     so the residual stream's variance does not grow with depth."""

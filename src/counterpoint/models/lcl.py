@@ -143,13 +143,6 @@ class LCLModel(nn.Module):
         slots = (boi[:, None] + 1 + torch.arange(image_tokens.shape[1], device=boi.device)).flatten()
         return self.causal(tokens, self.pad_id, image_tokens, slots), z
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> int:
-        """Recompute block activations in the backward pass (as ``TwoTower.set_grad_checkpointing``)."""
-        stacks = [m for m in self.modules() if isinstance(m, Transformer)]
-        for m in stacks:
-            m.grad_checkpointing = enabled
-        return len(stacks)
-
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float) -> None:
         if self.logit_scale is not None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from counterpoint.models.layers import Transformer
+from counterpoint.models.layers import set_grad_checkpointing
 
 
 class TwoTower(nn.Module):
@@ -46,17 +46,8 @@ class TwoTower(nn.Module):
                 "logit_scale": self.logit_scale}
 
     def set_grad_checkpointing(self, enabled: bool = True) -> int:
-        """Recompute every transformer block's activations in the backward pass instead of storing them
-        (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): same gradients, activation memory
-        of one block per tower, about one extra forward. Returns how many transformer stacks it applies to.
-
-        A CNN tower is left as it is: recomputing BatchNorm in training mode would update its running
-        statistics twice per step.
-        """
-        stacks = [m for m in self.modules() if isinstance(m, Transformer)]
-        for m in stacks:
-            m.grad_checkpointing = enabled
-        return len(stacks)
+        """See :func:`counterpoint.models.layers.set_grad_checkpointing`; returns how many stacks it applies to."""
+        return set_grad_checkpointing(self, enabled)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float) -> None:

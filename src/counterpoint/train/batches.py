@@ -7,7 +7,7 @@ exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -173,30 +173,38 @@ class StreamedBatches:
         """What this rank streamed and skipped (:func:`data_info` sums the ranks)."""
         return {"streamed_batches_per_rank": self.loader.batches, "skipped": self.loader.skips.state_dict()}
 
-    def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's batch of every step from ``start_step`` on. A loader batch in which fewer than two
-        samples over all ranks could be decoded is passed over (counted as ``empty_batch``); many in a row
-        mean the data is broken and stop the run."""
+    def _usable(self, start_step: int, size: Callable[[dict], int],
+                enough: Callable[[int], bool]) -> Iterator[tuple[int, dict, int]]:
+        """``(step, loader batch, n)`` from ``start_step`` on, ``n`` the smallest ``size`` over the ranks. A batch
+        whose ``n`` is not ``enough`` is passed over by every rank (counted as ``empty_batch``); many in a row mean
+        the data is broken and stop the run."""
         if self.loader.batches < start_step:
             raise UserError(f"the data position ({self.loader.batches} batches) is behind the checkpoint's "
                             f"step {start_step}")
-        local = self.cfg.train.batch_size // self.ctx.world_size
         step, empty_in_a_row = start_step, 0
         for raw in self.loader:
-            n = self.ctx.min_int(len(raw["caption"]))
-            if n * self.ctx.world_size < 2:  # every rank sees the same n: they pass over it together
+            n = self.ctx.min_int(size(raw))  # every rank sees the same n: they pass over a batch together
+            if not enough(n):
                 empty_in_a_row += 1
                 if self.ctx.is_main:
                     self.loader.skips.skip("empty_batch", f"batch {self.loader.batches - 1}")
                 if empty_in_a_row >= MAX_EMPTY_BATCHES:
-                    raise DataError(f"{empty_in_a_row} batches in a row hold no usable sample; the streamed "
-                                    f"shards are damaged ({dict(self.loader.skips.counts)})")
+                    raise DataError(f"{empty_in_a_row} batches in a row hold no usable sample on some rank; the "
+                                    f"streamed shards are damaged ({dict(self.loader.skips.counts)})")
                 continue
             empty_in_a_row = 0
-            images = _augment(raw["image"][:n], self.cfg, step, self.ctx.rank * local, local * self.ctx.world_size)
+            yield step, raw, n
+            step += 1
+
+    def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batch of every step from ``start_step`` on; a batch in which fewer than two samples over
+        all ranks could be decoded is passed over."""
+        local = self.cfg.train.batch_size // self.ctx.world_size
+        world = self.ctx.world_size
+        for step, raw, n in self._usable(start_step, lambda raw: len(raw["caption"]), lambda n: n * world >= 2):
+            images = _augment(raw["image"][:n], self.cfg, step, self.ctx.rank * local, local * world)
             yield {"image": normalize(images.to(device, non_blocking=True)),
                    "text": self.tokenizer(raw["caption"][:n]).to(device)}
-            step += 1
 
 
 class StreamedDocuments(StreamedBatches):
@@ -221,27 +229,14 @@ class StreamedDocuments(StreamedBatches):
         self.tokenizer, self.layout = tokenizer, SequenceLayout.of(tokenizer, model.image_tokens)
 
     def batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-        if self.loader.batches < start_step:
-            raise UserError(f"the data position ({self.loader.batches} batches) is behind the checkpoint's "
-                            f"step {start_step}")
-        step, empty_in_a_row = start_step, 0
-        for raw in self.loader:
-            if self.ctx.min_int(len(raw["documents"])) == 0:  # every rank sees the same minimum
-                empty_in_a_row += 1
-                if self.ctx.is_main:
-                    self.loader.skips.skip("empty_batch", f"batch {self.loader.batches - 1}")
-                if empty_in_a_row >= MAX_EMPTY_BATCHES:
-                    raise DataError(f"{empty_in_a_row} batches in a row hold no usable document on some rank; the "
-                                    f"streamed shards are damaged ({dict(self.loader.skips.counts)})")
-                continue
-            empty_in_a_row = 0
+        for step, raw, _ in self._usable(start_step, lambda raw: len(raw["documents"]), lambda n: n > 0):
             rows, images = layout_arrays(raw["documents"], self.tokenizer, self.layout, self.image_size)
-            counts = self.ctx.gather(len(images))  # the global batch's images, for the shifts
-            images = _augment(images, self.cfg, step, sum(counts[: self.ctx.rank]), sum(counts))
+            if self.cfg.train.translate > 0:  # the shifts are drawn for the global batch's images
+                counts = self.ctx.gather(len(images))
+                images = _augment(images, self.cfg, step, sum(counts[: self.ctx.rank]), sum(counts))
             batch = collate_rows(rows, self.layout)
             yield {**{k: v.to(device) for k, v in batch.items()},
                    "images": normalize(images.to(device, non_blocking=True))}
-            step += 1
 
 
 def data_info(data: InMemoryBatches | InMemoryDocuments | StreamedBatches, ctx: DistContext) -> dict[str, Any]:

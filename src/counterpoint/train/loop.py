@@ -49,6 +49,7 @@ from counterpoint.evaluate.inputs import (
 )
 from counterpoint.evaluate.periodic import PeriodicZeroShot, zeroshot_curve
 from counterpoint.evaluate.runner import evaluate_model
+from counterpoint.models.layers import set_grad_checkpointing
 from counterpoint.models.presets import ModelSpec, resolve_spec
 from counterpoint.models.two_tower import TwoTower
 from counterpoint.objectives.base import Task, task_class
@@ -193,12 +194,8 @@ def check_data_paths(cfg: RunConfig) -> EvalInputs:
     if cfg.train.accum_steps > 1 and not task.grad_cache:
         raise UserError(f"train.accum_steps > 1 (GradCache) is not exact for objective.name={cfg.objective.name}; "
                         f"use train.accum_steps=1 (and train.grad_checkpointing=true for memory)")
-    if cfg.data.stream.sources:
-        pass  # the loader checks its shards when it plans them
-    elif task.data == "documents":
-        detect_document_format(cfg.data.train)
-    else:
-        detect_format(cfg.data.train)
+    if not cfg.data.stream.sources:  # a streamed run's loader checks its shards when it plans them
+        (detect_document_format if task.data == "documents" else detect_format)(cfg.data.train)
     inputs = resolve_eval_inputs(cfg)
     if cfg.eval.every_steps and not inputs.zeroshot:
         raise UserError("eval.every_steps needs labelled zero-shot images: set data.zeroshot (and data.classes), "
@@ -342,7 +339,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     model = task.encoder()
     data.set_tokenizer(tokenizer, model)
     if cfg.train.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        set_grad_checkpointing(model, True)
     if meta:  # full weights on every rank, before DDP/FSDP2 take over the parameters
         ckpt.load_model_weights(resume_from, model)
         load_task_state(task, resume_from)
