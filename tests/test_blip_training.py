@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from counterpoint.cli import main
 from counterpoint.objectives.blip import BLIPConfig
+from counterpoint.train.checkpoint import resolve_checkpoint
 from counterpoint.train.loop import train
-from tests.conftest import tiny_config
+from tests.conftest import one_line_error, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -63,3 +66,36 @@ def test_caption_command(blip_run: Path, small_world: Path, tmp_path: Path, caps
     assert all(line.split(": ", 1)[1].startswith("a picture of") for line in lines)
     assert main(["caption", str(blip_run), str(tmp_path / "missing.png")]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_init_from_starts_from_the_runs_weights_tokenizer_and_momentum(blip_run: Path, small_world: Path,
+                                                                         tmp_path: Path) -> None:
+    """A fine-tuning stage (CapFilt's captioner): the source run's weights and tokenizer, momentum encoders
+    equal to the loaded weights, a fresh optimizer and schedule. One step at lr 1e-12 moves nothing."""
+    cfg = tiny_config(small_world, tmp_path / "tuned", evaluate=False, epochs=1, batch_size=32, lr=1e-12,
+                      threads=1, max_steps=1)
+    cfg.model.name, cfg.model.context_length = "tiny-vit", 40
+    cfg.objective = BLIPConfig(queue_size=128, itc_weight=0.0, itm_weight=0.0)
+    cfg.train.init_from = str(blip_run)
+    tuned = train(cfg)
+    source_ckpt, tuned_ckpt = resolve_checkpoint(blip_run), resolve_checkpoint(tuned)
+    assert (tuned_ckpt / "tokenizer.json").read_text() == (source_ckpt / "tokenizer.json").read_text()
+    source, weights = load_file(source_ckpt / "model.safetensors"), load_file(tuned_ckpt / "model.safetensors")
+    assert source.keys() == weights.keys()
+    for name, value in source.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+    momentum = load_file(tuned_ckpt / "task.safetensors")
+    for name, value in momentum.items():
+        if name.startswith("momentum."):  # momentum.<part>.<param> copies model <part>.<param>
+            torch.testing.assert_close(value, source[name.removeprefix("momentum.")], rtol=0, atol=1e-6, msg=name)
+
+
+def test_init_from_refuses_a_tokenizer_without_the_tasks_tokens(small_world: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    old_clip_run = Path(__file__).parent / "fixtures" / "run_v1"  # tiny-cnn CLIP: no <enc> / <dec>
+    recipe = Path(__file__).parents[1] / "configs" / "blip_world.yaml"
+    code = main(["train", str(recipe), f"out_dir={tmp_path / 'run'}", f"data.train={small_world / 'train'}",
+                 "model.name=tiny-cnn", "model.embed_dim=16", "model.context_length=16",
+                 f"train.init_from={old_clip_run}"])
+    assert code == 2
+    one_line_error(capsys.readouterr().err, "train.init_from", "lacks <enc>, <dec>")

@@ -147,6 +147,9 @@ class TrainConfig:
     # A loss or gradient that is not finite: "stop" the run with one line (the weights before that step are
     # kept), or "skip" the update and go on (counted as nonfinite_steps in the log).
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Start from the weights and tokenizer of this run directory or checkpoint (fine-tuning, CapFilt's stages)
+    # instead of a fresh model; the optimizer, schedule, data order and task state (queues) start fresh.
+    init_from: str | None = None
 
 
 @dataclass

@@ -71,6 +71,11 @@ class Task(nn.Module):
         ``encode_text``); its state dict is a checkpoint's ``model.safetensors``."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def sync_from_encoder(self) -> None:
+        """Called after ``train.init_from`` loaded weights into :meth:`encoder`: make every other copy of them
+        (momentum towers) equal to it. Tasks without copies have nothing to do."""
+
     def fsdp_units(self) -> list[nn.Module]:
         """Submodules FSDP2 shards one by one (blocks, then towers), innermost first."""
         return []

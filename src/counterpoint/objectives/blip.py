@@ -221,6 +221,11 @@ class BLIPTask(Task):
         return global_mean(total, scored.sum())
 
     @torch.no_grad()
+    def sync_from_encoder(self) -> None:
+        for part in MOMENTUM_PARTS:
+            self.momentum[part].load_state_dict(getattr(self.model, part).state_dict())
+
+    @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Clamp the temperature, enqueue the global batch's momentum keys, move the momentum encoders."""
         self.model.temperature.clamp_(0.001, 0.5)

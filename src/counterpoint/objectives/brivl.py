@@ -191,6 +191,13 @@ class BriVLTask(Task):
         return {"i2t": loss_i2t, "t2i": loss_t2i}, metrics
 
     @torch.no_grad()
+    def sync_from_encoder(self) -> None:
+        source = self.encoder()
+        for towers in (self.model, self.momentum_model):
+            if towers is not source:
+                towers.load_state_dict(source.state_dict())
+
+    @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Enqueue the global batch's keys (oldest out), then move the momentum towers towards the queries."""
         if self.cfg.learn_temperature:

@@ -292,6 +292,21 @@ def _find_resume_checkpoint(run_dir: Path, ctx: DistContext, required: bool, exi
     return Path(found) if found is not None else None
 
 
+def _init_checkpoint(cfg: RunConfig) -> tuple[Path, ModelSpec, Tokenizer]:
+    """``train.init_from``'s checkpoint folder, model spec and tokenizer, checked against the config's model
+    and the task's special tokens."""
+    folder = ckpt.resolve_checkpoint(cfg.train.init_from)
+    meta = ckpt.read_state(folder)
+    spec = spec_from_state(meta, folder)
+    check_architecture(spec, meta.get("model_name"), cfg.model, folder)
+    tokenizer = load_tokenizer(folder, spec)
+    missing = [t for t in task_class(cfg.objective.name).special_tokens if t not in tokenizer.hf.get_vocab()]
+    if missing:
+        raise CheckpointError(f"train.init_from '{cfg.train.init_from}': its tokenizer lacks {', '.join(missing)}, "
+                              f"which objective.name={cfg.objective.name} needs; start from a run of that task")
+    return folder, spec, tokenizer
+
+
 def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> Path:
     device = ctx.device
     bs = cfg.train.batch_size
@@ -318,7 +333,10 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                 print(f"{run_dir} is finished (step {meta['step']}) and evaluated: nothing to resume; "
                       f"'counterpoint eval {run_dir}' evaluates it again")
             return run_dir
-    else:
+    init_from = _init_checkpoint(cfg) if not meta and cfg.train.init_from else None
+    if init_from is not None:
+        spec, tokenizer = init_from[1], init_from[2]
+    elif not meta:
         spec = resolve_spec(cfg.model.name, embed_dim=cfg.model.embed_dim, image_size=cfg.model.image_size,
                             context_length=cfg.model.context_length, vocab_size=cfg.model.vocab_size)
     torch.manual_seed(cfg.seed)
@@ -328,7 +346,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     data = training_batches(cfg, spec.image_size, ctx, progress, task_type.data)
     if meta:
         data.load_state_dict(meta.get("data"), meta.get("data_skipped"))
-    else:  # trained once and shared, so every rank holds the same vocabulary
+    elif init_from is None:  # trained once and shared, so every rank holds the same vocabulary
         trained = (Tokenizer.train(data.captions(), spec.vocab_size, spec.context_length,
                                    task_type.special_tokens)
                    if ctx.is_main else None)
@@ -343,6 +361,9 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     if meta:  # full weights on every rank, before DDP/FSDP2 take over the parameters
         ckpt.load_model_weights(resume_from, model)
         load_task_state(task, resume_from)
+    elif init_from is not None:
+        ckpt.load_model_weights(init_from[0], model)
+        task.sync_from_encoder()
     par = ParallelTask(task, ctx, cfg.train.parallel)
     optimizer = build_optimizer(task, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps)
     start_step = meta["step"] if meta else 0
