@@ -224,6 +224,12 @@ def test_mismatch_fraction() -> None:
     assert all(clean_ok)
     assert np.mean(noisy_ok) < 0.1
     assert 0.35 < np.mean(half_ok) < 0.65
+    # the truth is recorded with every pair: "matched" is False exactly where the caption is another scene's
+    half_pairs = [half.pair("train", i) for i in range(300)]
+    assert [s.meta()["matched"] for s in half_pairs] == [s.matched for s in half_pairs]
+    assert all(describes_scene(s.caption, s.scene) for s in half_pairs if s.matched)
+    assert np.mean([describes_scene(s.caption, s.scene) for s in half_pairs if not s.matched]) < 0.1
+    assert all(clean.pair("train", i).matched for i in range(50))
     # noise changes only the text: the images (and labels) are those of the clean world
     for i in range(10):
         assert noisy.pair("train", i).image.tobytes() == clean.pair("train", i).image.tobytes()

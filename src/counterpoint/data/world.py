@@ -425,12 +425,14 @@ class WorldSample:
     label: str
     heldout: bool
     audio: np.ndarray | None = None
+    matched: bool = True  # False: a noisy pair, the caption describes another scene (the ground truth of CapFilt)
 
     def meta(self) -> dict:
         return {
             "caption": self.caption,
             "label": self.label,
             "heldout": self.heldout,
+            "matched": self.matched,
             "objects": [vars(o) for o in self.scene.objects],
         }
 
@@ -462,7 +464,7 @@ class World:
         audio = synthesize_audio(scene, rng, self.cfg) if with_audio else None
         first = scene.objects[0]
         return WorldSample(f"{split}-{index:08d}", image, caption, scene, scene.label,
-                           (first.colour, first.shape) in self.heldout, audio)
+                           (first.colour, first.shape) in self.heldout, audio, caption_scene is scene)
 
     def labelled(self, index: int, with_audio: bool = False) -> WorldSample:
         """Single-object image ``index`` of the zero-shot split; classes cycle so every class is equally
