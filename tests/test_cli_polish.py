@@ -18,7 +18,8 @@ from counterpoint.cli import main
 from counterpoint.config import RunConfig, describe, save_config
 from counterpoint.data.readers import SkipStats, iter_folder
 from counterpoint.report.plots import curve_figure
-from counterpoint.train.balance_compare import _stat, markdown, verdict
+from counterpoint.report.seeds import over_seeds, verdict
+from counterpoint.train.balance_compare import markdown
 from counterpoint.train.balance_config import BalanceConfig
 from counterpoint.train.loop import train
 from tests.conftest import tiny_config
@@ -106,8 +107,9 @@ def test_folder_caption_without_its_image_is_counted(tmp_path: Path) -> None:
 
 
 def _table(fused: dict[str, list[float]]) -> dict:
-    return {label: {"acc": {"fused": _stat(v), "audio": _stat(v)}, "selected_epoch": _stat([1.0] * len(v)),
-                    "step_ms": _stat([1.0] * len(v)), "conflict_rate": {}} for label, v in fused.items()}
+    return {label: {"acc": {"fused": over_seeds(v), "audio": over_seeds(v)},
+                    "selected_epoch": over_seeds([1.0] * len(v)), "step_ms": over_seeds([1.0] * len(v)),
+                    "conflict_rate": {}} for label, v in fused.items()}
 
 
 def test_comparisons_claim_only_what_the_seeds_carry() -> None:

@@ -7,6 +7,7 @@
     counterpoint eval RUN_DIR [key=value ...]
     counterpoint balance train configs/balance_av.yaml [key=value ...] [--overwrite]
     counterpoint balance compare configs/balance_av.yaml [key=value ...] [--overwrite]
+    counterpoint capfilt configs/capfilt_world.yaml [key=value ...] [--overwrite]
 
 Both ``train`` and ``eval`` run unchanged under ``torchrun --nproc-per-node N`` (see ``train/distributed.py``).
 A user mistake prints one line, ``counterpoint: error: ...``, and exits with code 2; no traceback.
@@ -45,6 +46,7 @@ EXAMPLES = """examples:
   counterpoint imagine runs/clip-world "a red star" "a large blue circle at the top left" --out imagined
   counterpoint balance train configs/balance_av.yaml method.name=uniform
   counterpoint balance compare configs/balance_av.yaml
+  counterpoint capfilt configs/capfilt_world.yaml
   counterpoint launch --nproc-per-node 2 -- train configs/clip_world.yaml
 """
 
@@ -285,6 +287,19 @@ def _cmd_balance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capfilt(args: argparse.Namespace) -> int:
+    from counterpoint.capfilt.config import CapFiltConfig
+    from counterpoint.capfilt.pipeline import run_capfilt
+    from counterpoint.config import load_config
+
+    cfg = load_config(args.config, args.overrides, cls=CapFiltConfig)
+    command = " ".join(["counterpoint capfilt", args.config, *args.overrides])
+    out = run_capfilt(cfg, overwrite=args.overwrite, command=command)
+    print((out / "capfilt.md").read_text())
+    print(f"summary: {out / 'capfilt.json'}")
+    return 0
+
+
 def _print_summary(run_dir: Path) -> None:
     import json
 
@@ -452,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=uniform")
         cmd.add_argument("--overwrite", action="store_true", help="replace existing runs in out_dir")
         cmd.set_defaults(func=_cmd_balance)
+
+    capfilt = sub.add_parser("capfilt", help="BLIP's CapFilt: pretrain on noisy pairs, fine-tune a captioner and a "
+                             "filter, bootstrap the data, pretrain again; a report of every stage")
+    capfilt.add_argument("config", help="CapFilt recipe, e.g. configs/capfilt_world.yaml")
+    capfilt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1,2] bootstrap.threshold=0.6")
+    capfilt.add_argument("--overwrite", action="store_true", help="redo every stage instead of reusing finished ones")
+    capfilt.set_defaults(func=_cmd_capfilt)
     _show_defaults(parser)
     return parser
 

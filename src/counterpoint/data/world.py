@@ -437,6 +437,14 @@ class WorldSample:
         }
 
 
+def scene_from_meta(meta: dict) -> Scene | None:
+    """The scene a world sample's json describes (``objects``), or ``None`` if it has none (not a world split)."""
+    try:
+        return Scene(tuple(WorldObject(o["shape"], o["colour"], o["size"], int(o["cell"])) for o in meta["objects"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 class World:
     """Random access to the built-in world: ``world.pair("train", i)`` is the same on every call."""
 

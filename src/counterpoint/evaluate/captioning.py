@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from counterpoint.data.readers import SkipStats, iter_tar_groups, metadata, tar_files
-from counterpoint.data.world import Scene, WorldConfig, WorldObject, literal_caption
+from counterpoint.data.world import Scene, WorldConfig, literal_caption, scene_from_meta
 from counterpoint.evaluate.caption_attributes import attribute_scores
 
 REFERENCES = 5
@@ -33,11 +33,11 @@ def world_scenes(test_path: str, keys: list[str]) -> list[Scene] | None:
     for tar_path in tar_files(test_path):
         for key, members in iter_tar_groups(tar_path, SkipStats()):
             try:
-                objects = metadata(members).get("objects")
-                found[key] = Scene(tuple(WorldObject(o["shape"], o["colour"], o["size"], int(o["cell"]))
-                                         for o in objects))
-            except (ValueError, TypeError, KeyError):
+                scene = scene_from_meta(metadata(members))
+            except ValueError:
                 continue
+            if scene is not None:
+                found[key] = scene
     scenes = [found.get(k) for k in keys]
     return None if any(s is None for s in scenes) else scenes
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -31,28 +30,9 @@ from tqdm import tqdm
 from counterpoint.config import to_dict
 from counterpoint.report.plots_balance import plot_compare_accuracy, plot_compare_cosine
 from counterpoint.report.run_report import read_metrics
+from counterpoint.report.seeds import over_seeds, plus_minus, verdict
 from counterpoint.train.balance_config import BalanceConfig, MethodConfig
 from counterpoint.train.balance_loop import load_benchmark, train_balance
-
-
-def _stat(values: list[float]) -> dict[str, Any]:
-    """Mean and sample standard deviation over seeds (``std`` is ``None`` for one seed: no spread is known)."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "values": values}
-
-
-def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """How mean ``a`` compares with mean ``b`` (fused accuracy over seeds), claiming a difference only when it
-    exceeds twice its standard error; with one seed nothing can be claimed."""
-    delta = 100 * (a["mean"] - b["mean"])
-    n = len(a["values"])
-    if n < 2 or a["std"] is None or b["std"] is None:
-        return f"{delta:+.1f} points on one seed: too few seeds to tell a difference from noise"
-    se = 100 * ((a["std"] ** 2 + b["std"] ** 2) / n) ** 0.5
-    if abs(delta) <= 2 * se:
-        return f"{delta:+.1f} points, within the seed-to-seed spread (2 standard errors: {2 * se:.1f}): no clear " \
-               f"difference"
-    return f"{delta:+.1f} points, more than 2 standard errors ({2 * se:.1f}): {'above' if delta > 0 else 'below'}"
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -60,12 +40,12 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
     table = {}
     for label, runs in results.items():
         keys = list(runs[0]["test"]["acc"])
-        row: dict[str, Any] = {"acc": {k: _stat([r["test"]["acc"][k] for r in runs]) for k in keys}}
+        row: dict[str, Any] = {"acc": {k: over_seeds([r["test"]["acc"][k] for r in runs]) for k in keys}}
         if "shapley" in runs[0]["test"]:
-            row["shapley"] = {k: _stat([r["test"]["shapley"][k] for r in runs]) for k in runs[0]["modalities"]}
-        row["selected_epoch"] = _stat([float(r["selected_epoch"]) for r in runs])
-        row["step_ms"] = _stat([r["step_ms"] for r in runs])
-        row["conflict_rate"] = {k: _stat([r["conflict_rate"][k] for r in runs]) for k in runs[0]["conflict_rate"]}
+            row["shapley"] = {k: over_seeds([r["test"]["shapley"][k] for r in runs]) for k in runs[0]["modalities"]}
+        row["selected_epoch"] = over_seeds([float(r["selected_epoch"]) for r in runs])
+        row["step_ms"] = over_seeds([r["step_ms"] for r in runs])
+        row["conflict_rate"] = {k: over_seeds([r["conflict_rate"][k] for r in runs]) for k in runs[0]["conflict_rate"]}
         table[label] = row
     return table
 
@@ -104,12 +84,6 @@ def _finished(run_dir: Path, cfg: BalanceConfig) -> bool:
     return yaml.safe_load((run_dir / "config.yaml").read_text()) == to_dict(cfg)
 
 
-def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
-    if s["std"] is None:  # one seed
-        return f"{scale * s['mean']:.{digits}f}"
-    return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
-
-
 def markdown(summary: dict[str, Any], modalities: list[str], command: str) -> str:
     table, weak = summary["methods"], summary["weak_modality"]
     has_phi = all("shapley" in row for row in table.values())
@@ -121,10 +95,10 @@ def markdown(summary: dict[str, Any], modalities: list[str], command: str) -> st
              "Conflict rate: fraction of steps with cos(g_m, g_u) < 0, per encoder.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in table.items():
-        cells = [label, _pm(row["acc"]["fused"]), *(_pm(row["acc"][k]) for k in modalities)]
+        cells = [label, plus_minus(row["acc"]["fused"]), *(plus_minus(row["acc"][k]) for k in modalities)]
         if has_phi:
-            cells += [_pm(row["shapley"][k]) for k in modalities]
-        cells += [_pm(row["selected_epoch"], 1.0), _pm(row["step_ms"], 1.0),
+            cells += [plus_minus(row["shapley"][k]) for k in modalities]
+        cells += [plus_minus(row["selected_epoch"], 1.0), plus_minus(row["step_ms"], 1.0),
                   ", ".join(f"{k} {v['mean']:.2f}" for k, v in row["conflict_rate"].items()) or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
