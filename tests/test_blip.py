@@ -3,6 +3,8 @@ distribution, ITC against the queues, captioning with the prompt left out, and t
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 
 import pytest
@@ -115,7 +117,7 @@ def test_after_step_enqueues_keys_moves_the_momentum_encoders_and_clamps_the_tem
     with torch.no_grad():
         for p in task.model.visual.parameters():
             p.add_(1.0)
-        task.model.temperature.fill_(0.9)
+        task.model.log_temperature.fill_(math.log(0.9))
     before = [p.clone() for p in task.momentum["visual"].parameters()]
     task.after_step(0)
     torch.testing.assert_close(task.image_queue[:4], key_img)

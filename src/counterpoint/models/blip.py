@@ -176,11 +176,18 @@ class BLIPModel(nn.Module):
         self.vision_proj = nn.Linear(vision_width, embed_dim)
         self.text_proj = nn.Linear(width, embed_dim)
         self.itm_head = nn.Linear(width, 2)
-        # BLIP learns the temperature itself (not its log), clamped to [0.001, 0.5] after every step
-        self.temperature = nn.Parameter(torch.tensor(init_temperature))
+        # The temperature is learned as its log (as CLIP learns its scale), clamped to log [0.001, 0.5] after every
+        # step. BLIP learns the temperature itself, but under Adam a parameter moves by about the learning rate
+        # per step whatever its size: at lr 1e-3 a raw 0.07 fell to 0.003 within 140 steps on the world, where
+        # the ITC loss stalls. In log space a step changes it by ~0.1%.
+        self.log_temperature = nn.Parameter(torch.tensor(init_temperature).log())
         self.pad_id, self.sot_id, self.eot_id = token_ids["<pad>"], token_ids["<sot>"], token_ids["<eot>"]
         self.enc_id, self.dec_id = token_ids["<enc>"], token_ids["<dec>"]
         self.prompt_ids = list(prompt_ids or [])  # what captions start with ("a picture of"), tokenised
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
 
     @property
     def image_size(self) -> int:

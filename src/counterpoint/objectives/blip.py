@@ -5,7 +5,7 @@ Understanding and Generation", ICML 2022): three losses of equal weight in one s
 * **ITC**: image and text features against momentum keys of the global batch and the key queues (BriVL's
   machinery: ``objectives/brivl.py``), with momentum distillation: the targets are
   ``alpha * softmax(momentum similarities) + (1 - alpha) * one-hot``, ``alpha`` ramped linearly from 0 over
-  the first epoch; the temperature is learned and clamped to [0.001, 0.5].
+  the first epoch; the temperature is learned (as its log) and clamped to [0.001, 0.5].
 * **ITM**: the image-grounded encoder's 2-way head on the batch's pairs and on one hard negative per image
   (a text) and per text (an image), each drawn from the softmax of the ITC similarities over the global batch
   with the pair itself excluded. Every rank draws for the whole global batch from one generator seeded by the
@@ -20,6 +20,7 @@ texts are gathered, so 2 processes compute what one does.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -228,7 +229,7 @@ class BLIPTask(Task):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Clamp the temperature, enqueue the global batch's momentum keys, move the momentum encoders."""
-        self.model.temperature.clamp_(0.001, 0.5)
+        self.model.log_temperature.clamp_(math.log(0.001), math.log(0.5))
         if self._keys is not None:
             enqueue_([self.image_queue, self.text_queue], self.queue_ptr, [gather_no_grad(k) for k in self._keys])
             self._keys = None
