@@ -3,9 +3,8 @@ distribution, ITC against the queues, captioning with the prompt left out, and t
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 
 import pytest
 import torch

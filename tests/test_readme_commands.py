@@ -122,6 +122,10 @@ AV_WORLD = _o("data.av_world.train=32 data.av_world.val=16 data.av_world.test=16
 # Several processes: one step, no evaluation (the distributed evaluation has its own tests).
 DIST = _o("train.max_steps=1 train.batch_size=32 train.threads=1 train.device=cpu train.progress=false "
           "eval.zeroshot=false eval.retrieval=false eval.linear_probe=false eval.imagine=0")
+# CapFilt's four runs: two steps each, the cheap evaluations
+CAPFILT_STAGE = ",".join(("train.max_steps=2", "train.batch_size=32", "train.threads=1", "objective.queue_size=64",
+                          "eval.captions=4", "eval.imagine=0", "eval.linear_probe=false",
+                          "eval.max_retrieval_samples=32"))
 CREMA_D = "CREMA-D"  # the fake audio-visual layout, in the working directory
 
 # In the order they run.
@@ -163,6 +167,16 @@ SHRINK: dict[str, Shrink] = {
         "main", TRAIN + _o("objective.queue_size=64 eval.captions=4 eval.imagine=0"),
         writes=("runs/blip-world/eval.json", "runs/blip-world/captions/grid.png")),
     "counterpoint caption runs/blip-world some.png other.jpg --beams 3": Shrink("main", _o("--max-tokens 4")),
+    "counterpoint data make world --out data/noisy --mismatch 0.3 --train 20000 --test 1000": Shrink(
+        "main", WORLD, writes=("data/noisy/world.json",)),
+    "counterpoint data make world --out data/clean --train 2000 --test 1000 --zeroshot 0 --seed 1": Shrink(
+        "main", _o("--train 64 --test 32 --quiet"), writes=("data/clean/world.json",)),
+    "counterpoint capfilt configs/capfilt_world.yaml": Shrink(
+        "main", ("seeds=[0]", "progress=false", "bootstrap.threshold=0", "bootstrap.batch_size=128",
+                 "bootstrap.max_tokens=8", f"pretrain=[{CAPFILT_STAGE}]",
+                 f"captioner=[{CAPFILT_STAGE},objective.itc_weight=0,objective.itm_weight=0]",
+                 f"filter=[{CAPFILT_STAGE},objective.lm_weight=0]"),
+        writes=("runs/capfilt-world/capfilt.md", "runs/capfilt-world/seed0/bootstrap/filter.png")),
     # Data for balanced multimodal learning, and balance runs
     "counterpoint data make shortcut --out data/shortcut [--shortcut 1.0] [--noise 0] [--train 6000] [--seed 0]":
         Shrink("balance", _o("--train 48 --val 16 --test 16"), writes=("data/shortcut.safetensors",)),

@@ -250,12 +250,17 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
     """Every setting of the resolved config: value, default (when it differs) and what it means."""
+    from counterpoint.capfilt.config import CapFiltConfig
     from counterpoint.config import describe, load_config, load_yaml
-    from counterpoint.train.balance_config import BalanceConfig, load_balance_config
+    from counterpoint.train.balance_config import load_balance_config
 
-    is_balance = bool({"method", "compare"} & set(load_yaml(args.config)))
-    cfg = load_balance_config(args.config, args.overrides) if is_balance else load_config(args.config, args.overrides)
-    kind = "balance (counterpoint balance ...)" if isinstance(cfg, BalanceConfig) else "train (counterpoint train)"
+    keys = set(load_yaml(args.config))
+    if {"method", "compare"} & keys:
+        cfg, kind = load_balance_config(args.config, args.overrides), "balance (counterpoint balance ...)"
+    elif {"recipe", "noisy"} & keys:
+        cfg, kind = load_config(args.config, args.overrides, cls=CapFiltConfig), "CapFilt (counterpoint capfilt)"
+    else:
+        cfg, kind = load_config(args.config, args.overrides), "train (counterpoint train)"
     print(f"# {args.config}: a {kind} recipe, resolved; * marks a value that differs from the default")
     for key, value, default, text in describe(cfg):
         shown = json.dumps(value)

@@ -45,10 +45,8 @@ class CapFiltConfig:
     zeroshot: str = "auto"  # labelled images for zero-shot ("auto": the noisy data's own, as a run finds them)
     seeds: tuple[int, ...] = (0,)  # the whole chain once per seed
     pretrain: tuple[str, ...] = ()  # key=value settings of both pretraining runs (on noisy, then on CapFilt data)
-    # the captioner learns captioning only, the filter contrast and matching only (BLIP fine-tunes each on its
-    # own objectives)
-    captioner: tuple[str, ...] = ("objective.itc_weight=0", "objective.itm_weight=0")
-    filter: tuple[str, ...] = ("objective.lm_weight=0",)
+    captioner: tuple[str, ...] = ("objective.itc_weight=0", "objective.itm_weight=0")  # its settings: captioning only
+    filter: tuple[str, ...] = ("objective.lm_weight=0",)  # its settings: contrast and matching only (as BLIP's)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     progress: bool = True  # progress bars
 
