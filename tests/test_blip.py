@@ -87,6 +87,8 @@ def test_distillation_ramps_in_over_the_first_epoch() -> None:
     feats = task.model.encode_image(batch["image"]), task.model.encode_text(batch["text"])
     losses = [float(task._itc(batch, *feats, step=s)[0].detach()) for s in (0, 5, 10, 50)]
     assert losses[0] != losses[1] != losses[2] and losses[2] == losses[3]  # alpha = 0, 0.2, 0.4, 0.4
+    task.set_schedule(steps_per_epoch=500, total_steps=10)  # a run shorter than an epoch: ramped over the run
+    assert float(task._itc(batch, *feats, step=10)[0].detach()) == losses[2]
 
 
 def test_captioning_loss_leaves_the_prompt_out() -> None:

@@ -133,7 +133,9 @@ class BLIPTask(Task):
                               f"train.batch_size={global_batch} (whole batches enter and leave the queue)")
 
     def set_schedule(self, steps_per_epoch: int | None, total_steps: int) -> None:
-        self.ramp_steps = max(1, steps_per_epoch or total_steps)
+        # over the first epoch, or over the whole run when it is shorter (CapFilt pretrains for a set number
+        # of samples on data of any size: the targets then reach alpha whatever the data size)
+        self.ramp_steps = max(1, min(steps_per_epoch or total_steps, total_steps))
 
     def encoder(self) -> BLIPModel:
         return self.model
