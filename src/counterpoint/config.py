@@ -24,6 +24,8 @@ import yaml
 
 from counterpoint.errors import UserError
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # train.loggers
+
 
 class ConfigError(UserError, ValueError):
     """A user mistake in a config file or override; the message names the key and the fix."""
@@ -150,6 +152,9 @@ class TrainConfig:
     # Start from the weights and tokenizer of this run directory or checkpoint (fine-tuning, CapFilt's stages)
     # instead of a fresh model; the optimizer, schedule, data order and task state (queues) start fresh.
     init_from: str | None = None
+    # Where the scalars go: metrics.jsonl always (the report and --resume read it), TensorBoard event files in
+    # RUN_DIR/tensorboard, Weights & Biases (offline unless WANDB_MODE says otherwise); train/tracking.py.
+    loggers: tuple[str, ...] = ("jsonl",)
 
 
 @dataclass
@@ -212,6 +217,10 @@ def _check_ranges(cfg: RunConfig) -> None:
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (contrastive losses need negatives)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (set(cfg.train.loggers) <= set(LOGGERS), f"train.loggers: choose from {', '.join(LOGGERS)}, got "
+                                                 f"{list(cfg.train.loggers)}"),
+        ("jsonl" in cfg.train.loggers, "train.loggers must include jsonl: metrics.jsonl is what the report, "
+                                       "--resume and counterpoint eval read"),
         (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),

@@ -70,6 +70,7 @@ from counterpoint.train.distributed import (
 )
 from counterpoint.train.interrupt import StopOnSignal, TrainingInterrupted
 from counterpoint.train.optim import build_optimizer, lr_at
+from counterpoint.train.tracking import check_logger_packages, open_trackers
 
 
 def spec_from_state(meta: dict[str, Any], folder: Path) -> ModelSpec:
@@ -201,6 +202,7 @@ def check_data_paths(cfg: RunConfig) -> EvalInputs:
         raise UserError("eval.every_steps needs labelled zero-shot images: set data.zeroshot (and data.classes), "
                         "or eval.every_steps=0")
     check_eval_inputs(cfg, inputs)
+    check_logger_packages(cfg.train.loggers)
     return inputs
 
 
@@ -216,8 +218,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         _print_eval_plan(cfg, inputs)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    with distributed_session(cfg.train.device) as ctx:
-        return _train(cfg, ctx, resume or restarted_by_torchrun(), overwrite)
+    with distributed_session(cfg.train.device) as ctx, contextlib.ExitStack() as exits:
+        return _train(cfg, ctx, resume or restarted_by_torchrun(), overwrite, exits)
 
 
 # Settings a resumed run may change: they do not alter what the run computes (logging, checkpoint cadence,
@@ -226,6 +228,7 @@ RESUMABLE_CHANGES = ("out_dir", "eval.", "data.test", "data.zeroshot", "data.cla
                      "data.stream.prefetch_factor", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.progress", "train.threads", "train.max_steps", "train.device",
                      "train.parallel", "train.accum_steps", "train.grad_checkpointing", "train.on_nonfinite",
+                     "train.loggers",
                      "objective.chunk_size")
 
 
@@ -307,7 +310,8 @@ def _init_checkpoint(cfg: RunConfig) -> tuple[Path, ModelSpec, Tokenizer]:
     return folder, spec, tokenizer
 
 
-def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> Path:
+def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool, exits: contextlib.ExitStack) -> Path:
+    """The run itself; ``exits`` closes what it opens for the whole run (the extra loggers) on any way out."""
     device = ctx.device
     bs = cfg.train.batch_size
     if bs % (ctx.world_size * cfg.train.accum_steps):
@@ -420,6 +424,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                 if cfg.eval.every_steps and (ctx.is_main or par.fsdp) else None)
     every = cfg.eval.every_steps
 
+    trackers = exits.enter_context(open_trackers(cfg, run_dir, start_step, enabled=ctx.is_main))
     par.module.train()
     log = open(run_dir / "metrics.jsonl", "a") if ctx.is_main else None
     bar = tqdm(total=(end_step - start_step) * bs, unit=" samples", unit_scale=True, desc="train",
@@ -474,6 +479,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
                     if log is not None:
                         log.write(json_line(row))
                         log.flush()
+                    trackers.log(row)
                     shown = {"loss": f"{row['loss']:.3f}", "T": f"{row.get('temperature', 0):.3f}"}
                     if "zeroshot/heldout" in row:
                         shown["zs_heldout"] = f"{row['zeroshot/heldout']:.3f}"
@@ -501,7 +507,8 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> P
     ctx.barrier()  # the final checkpoint is on disk before anyone reads it
     # Under FSDP2 the parameters are shards; evaluation runs on full weights read back from the checkpoint.
     eval_model = load_run_model(final, device)[0] if par.fsdp else model
-    finalize_run(run_dir, eval_model, tokenizer, cfg, device, final_step, cfg.model.name)
+    result = finalize_run(run_dir, eval_model, tokenizer, cfg, device, final_step, cfg.model.name)
+    trackers.log_eval(result, final_step, run_dir)
     return run_dir
 
 
