@@ -179,3 +179,19 @@ def test_grad_checkpointing_covers_the_text_blocks_and_keeps_the_gradients() -> 
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_a_loss_weighted_zero_is_not_computed() -> None:
+    """CapFilt's captioner (captioning only) runs no contrastive or matching pass and leaves the queues alone;
+    its filter (no captioning) runs no decoder. ITM alone still gets ITC's similarities for its negatives."""
+    batch = _batch()
+    captioner = _task(itc_weight=0.0, itm_weight=0.0)
+    losses, metrics = captioner(batch)
+    assert set(losses) == {"lm"} and "itm_acc" not in metrics and captioner._keys is None
+    assert captioner.unused_parameters()
+    assert set(_task(lm_weight=0.0)(batch)[0]) == {"itc", "itm"}
+    matching_only = _task(itc_weight=0.0, lm_weight=0.0)
+    assert set(matching_only(batch)[0]) == {"itm"} and matching_only._keys is not None
+    assert not _task().unused_parameters()
+    with pytest.raises(ConfigError, match="all 0"):
+        BLIPConfig(itc_weight=0.0, itm_weight=0.0, lm_weight=0.0)

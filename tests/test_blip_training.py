@@ -17,6 +17,7 @@ from counterpoint.objectives.blip import BLIPConfig
 from counterpoint.train.checkpoint import resolve_checkpoint
 from counterpoint.train.loop import train
 from tests.conftest import one_line_error, tiny_config
+from tests.test_train_distributed import two_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -99,3 +100,25 @@ def test_init_from_refuses_a_tokenizer_without_the_tasks_tokens(small_world: Pat
                  f"train.init_from={old_clip_run}"])
     assert code == 2
     one_line_error(capsys.readouterr().err, "train.init_from", "lacks <enc>, <dec>")
+
+
+def test_captioner_only_trains_the_same_in_two_processes(small_world: Path, tmp_path: Path) -> None:
+    """With ITC and ITM off, the encoder-only parameters get no gradient: DDP looks for them (unused
+    parameters) and 2 processes still compute what one does."""
+    def config(name: str):
+        cfg = tiny_config(small_world, tmp_path / name, evaluate=False, batch_size=32, lr=2e-3, threads=1,
+                          device="cpu", max_steps=3)
+        cfg.model.name, cfg.model.context_length = "tiny-vit", 40
+        cfg.objective = BLIPConfig(queue_size=64, itc_weight=0.0, itm_weight=0.0)
+        return cfg
+
+    one = train(config("one"))
+    two_ranks(config("two"), tmp_path)
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (one, tmp_path / "two")]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2, 3]
+    for a, b in zip(*rows):
+        assert set(a) >= {"loss/lm"} and "loss/itc" not in a and abs(a["loss"] - b["loss"]) <= 1e-5
+    weights = [load_file(resolve_checkpoint(run) / "model.safetensors") for run in (one, tmp_path / "two")]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-5, msg=name)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from counterpoint.capfilt import pipeline
-from counterpoint.capfilt.bootstrap import SYNTHETIC_SUFFIX, removal_scores
+from counterpoint.capfilt.bootstrap import SYNTHETIC_SUFFIX, THRESHOLDS, removal_curve, removal_scores
 from counterpoint.capfilt.config import CapFiltConfig
 from counterpoint.cli import main
 from counterpoint.config import from_dict, load_config, to_dict
@@ -36,6 +37,19 @@ def test_removal_scores_by_hand() -> None:
     assert scores["removed"] == 3 and scores["mismatched"] == 2 and scores["removed_mismatched"] == 1
     assert scores["precision"] == pytest.approx(1 / 3) and scores["recall"] == pytest.approx(1 / 2)
     assert scores["noise_before"] == pytest.approx(2 / 5) and scores["noise_after"] == pytest.approx(1 / 2)
+
+
+def test_removal_curve_is_removal_scores_at_every_threshold() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.random(200)
+    matched = list(rng.random(200) > 0.3)
+    curve = removal_curve([float(x) for x, m in zip(p, matched) if m], [float(x) for x, m in zip(p, matched) if not m])
+    assert [c["threshold"] for c in curve] == list(THRESHOLDS)
+    for point in curve:
+        kept = [bool(x >= point["threshold"]) for x in p]
+        direct = removal_scores(matched, kept)
+        assert point["precision"] == pytest.approx(direct["precision"]) and point["kept"] == sum(kept)
+        assert point["recall"] == pytest.approx(direct["recall"])
 
 
 @pytest.fixture(scope="module")

@@ -95,13 +95,32 @@ def removal_scores(matched: list[bool], kept: list[bool]) -> dict[str, float]:
             "noise_after": kept_mismatched / sum(kept) if sum(kept) else 0.0}
 
 
-def _histogram(scores: dict[str, list[float]], threshold: float, path: Path) -> None:
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # the filter's precision / recall curve
+
+
+def removal_curve(matched_p: list[float], mismatched_p: list[float]) -> list[dict[str, float]]:
+    """Removal precision and recall of the mismatched originals at every threshold of ``THRESHOLDS`` (a caption
+    is removed when its p(match) is below the threshold): what choosing the threshold trades."""
+    good, bad = np.asarray(matched_p), np.asarray(mismatched_p)
+    curve = []
+    for t in THRESHOLDS:
+        hits, removed = int((bad < t).sum()), int((bad < t).sum() + (good < t).sum())
+        curve.append({"threshold": t, "precision": hits / removed if removed else 0.0,
+                      "recall": hits / len(bad) if len(bad) else 0.0, "kept": len(good) + len(bad) - removed})
+    return curve
+
+
+def _plot_filter(scores: dict[str, list[float]], curve: list[dict[str, float]] | None, threshold: float,
+                 path: Path) -> None:
+    """The filter's p(match) histogram per kind of caption and, with the truth, its precision / recall at
+    removing mismatched originals against the threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(11 if curve else 6.4, 3.8), squeeze=False)
+    ax = axes[0, 0]
     bins = np.linspace(0, 1, 41)
     for label, values in scores.items():
         if values:
@@ -113,6 +132,17 @@ def _histogram(scores: dict[str, list[float]], threshold: float, path: Path) -> 
     ax.set_title("What the filter thinks of each caption")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if curve:
+        ax = axes[0, 1]
+        ts = [c["threshold"] for c in curve]
+        ax.plot(ts, [c["precision"] for c in curve], marker="o", markersize=3, label="precision")
+        ax.plot(ts, [c["recall"] for c in curve], marker="o", markersize=3, label="recall")
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+        ax.set_xlabel("threshold (remove a caption below it)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("Removing mismatched originals, against the truth")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -204,11 +234,13 @@ def bootstrap(captioner_dir: str | Path, filter_dir: str | Path, noisy: str, out
         raise DataError(f"the filter kept no caption of {counts['images']} images at bootstrap.threshold="
                         f"{cfg.threshold:g} (its p(match) quantiles: originals {quantiles['original']}); lower the "
                         f"threshold or train the filter longer")
+    curve = None
     if len(matched) == counts["images"]:
-        result["filter_vs_truth"] = removal_scores(matched, kept_original)
+        curve = removal_curve(scores["original, matched"], scores["original, mismatched"])
+        result["filter_vs_truth"] = {**removal_scores(matched, kept_original), "by_threshold": curve}
     if all(s is not None for s in scenes):
         result["synthetic_attributes"] = attribute_scores(synthetic_all, scenes)
-    _histogram({k: v for k, v in scores.items() if v}, cfg.threshold, out / "filter.png")
+    _plot_filter({k: v for k, v in scores.items() if v}, curve, cfg.threshold, out / "filter.png")
     if examples:
         pictures = torch.from_numpy(np.stack([e[0] for e in examples])).permute(0, 3, 1, 2)
         save_pictures(pictures, [e[1] for e in examples], out / "examples" / "original", zoom=6,

@@ -125,6 +125,9 @@ def _seed_result(runs: dict[str, Path], boot: dict[str, Any]) -> dict[str, Any]:
         out["captioner_test_attributes"] = caption_eval["attributes"]
     out["bootstrap"] = {k: boot[k] for k in ("counts", "pairs_written", "filter_vs_truth", "synthetic_attributes")
                         if k in boot}
+    curve = boot.get("filter_vs_truth", {}).get("by_threshold")
+    if curve:  # in hindsight: the threshold the truth would have chosen (the one with the best worse side)
+        out["bootstrap"]["best_threshold_by_truth"] = max(curve, key=lambda c: min(c["precision"], c["recall"]))
     return out
 
 
@@ -149,6 +152,8 @@ def summarise(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
     table["filter_precision"] = stat("bootstrap", "filter_vs_truth", "precision")
     table["filter_recall"] = stat("bootstrap", "filter_vs_truth", "recall")
     table["noise_after_filter"] = stat("bootstrap", "filter_vs_truth", "noise_after")
+    for key in ("threshold", "precision", "recall"):
+        table[f"best_{key}_by_truth"] = stat("bootstrap", "best_threshold_by_truth", key)
     for attribute in ("colour", "shape", "size", "position"):
         table[f"synthetic_{attribute}_recall_one_object"] = stat("bootstrap", "synthetic_attributes", "one_object",
                                                                  f"{attribute}_recall")
@@ -158,8 +163,8 @@ def summarise(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {"table": table, "capfilt_vs_noisy_t2i_R@1": verdict(a, b), "gain_points": 100 * (a["mean"] - b["mean"])}
 
 
-def _cell(s: dict[str, Any] | None) -> str:
-    return "-" if s is None else plus_minus(s)
+def _cell(s: dict[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
+    return "-" if s is None else plus_minus(s, scale, digits)
 
 
 def markdown(summary: dict[str, Any], seeds: list[int], command: str) -> str:
@@ -178,7 +183,12 @@ def markdown(summary: dict[str, Any], seeds: list[int], command: str) -> str:
     if t["filter_precision"] is not None:
         lines += ["The filter against the truth (the world knows which originals are mismatched): removal precision "
                   f"{_cell(t['filter_precision'])}%, recall {_cell(t['filter_recall'])}%; mismatched among the kept "
-                  f"originals {_cell(t['noise_after_filter'])}%.", ""]
+                  f"originals {_cell(t['noise_after_filter'])}%."]
+        if t["best_threshold_by_truth"] is not None:
+            lines += [f"In hindsight the truth would pick threshold {_cell(t['best_threshold_by_truth'], 1.0, 2)}: "
+                      f"precision {_cell(t['best_precision_by_truth'])}%, recall {_cell(t['best_recall_by_truth'])}% "
+                      f"(the curve: right panel of the filter picture)."]
+        lines.append("")
     attrs = [a for a in ("colour", "shape", "size", "position") if t[f"synthetic_{a}_recall_one_object"] is not None]
     if attrs:
         lines += ["Attribute recall on one-object scenes (%): the synthetic captions of the noisy training images, and "

@@ -71,6 +71,11 @@ class Task(nn.Module):
         ``encode_text``); its state dict is a checkpoint's ``model.safetensors``."""
         raise NotImplementedError
 
+    def unused_parameters(self) -> bool:
+        """Whether some parameters may get no gradient in a step (a loss switched off by its weight): DDP then
+        has to look for them every step, which costs a little; other tasks leave it off."""
+        return False
+
     @torch.no_grad()
     def sync_from_encoder(self) -> None:
         """Called after ``train.init_from`` loaded weights into :meth:`encoder`: make every other copy of them

@@ -63,7 +63,9 @@ class BLIPConfig(ObjectiveConfig):
                   (0.001 <= self.init_temperature <= 0.5, "objective.init_temperature must be in [0.001, 0.5]"),
                   (0 <= self.label_smoothing < 1, "objective.label_smoothing must be in [0, 1)"),
                   (min(self.itc_weight, self.itm_weight, self.lm_weight) >= 0,
-                   "objective.itc_weight, itm_weight and lm_weight must be >= 0")]
+                   "objective.itc_weight, itm_weight and lm_weight must be >= 0"),
+                  (max(self.itc_weight, self.itm_weight, self.lm_weight) > 0,
+                   "objective.itc_weight, itm_weight and lm_weight are all 0: nothing would be trained")]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -149,18 +151,27 @@ class BLIPTask(Task):
         return [(self.model.visual, "forward_tokens"), (self.momentum["visual"], "forward_tokens"),
                 (self.model.text, "logits")]
 
+    def unused_parameters(self) -> bool:
+        return min(self.cfg.itc_weight, self.cfg.itm_weight, self.cfg.lm_weight) == 0
+
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> tuple[dict[str, torch.Tensor],
                                                                              dict[str, float]]:
+        """The three losses; one whose weight is 0 is not computed (CapFilt's captioner learns captioning
+        only), except ITC's similarities when ITM draws its hard negatives from them."""
         m, cfg = self.model, self.cfg
         tokens = batch["text"]
         image_tokens = m.image_tokens(batch["image"])
-        image_feat = m.image_features(image_tokens)
-        text_feat = m.encode_text(tokens)
         losses, metrics = {}, {}
-        itc, sim_i2t, sim_t2i = self._itc(batch, image_feat, text_feat, step)
-        losses["itc"] = cfg.itc_weight * itc
-        losses["itm"] = cfg.itm_weight * self._itm(image_tokens, tokens, sim_i2t, sim_t2i, step, metrics)
-        losses["lm"] = cfg.lm_weight * self._lm(image_tokens, tokens)
+        if cfg.itc_weight > 0 or cfg.itm_weight > 0:
+            image_feat = m.image_features(image_tokens)
+            text_feat = m.encode_text(tokens)
+            itc, sim_i2t, sim_t2i = self._itc(batch, image_feat, text_feat, step)
+            if cfg.itc_weight > 0:
+                losses["itc"] = cfg.itc_weight * itc
+            if cfg.itm_weight > 0:
+                losses["itm"] = cfg.itm_weight * self._itm(image_tokens, tokens, sim_i2t, sim_t2i, step, metrics)
+        if cfg.lm_weight > 0:
+            losses["lm"] = cfg.lm_weight * self._lm(image_tokens, tokens)
         metrics["temperature"] = float(m.temperature.detach())
         return losses, metrics
 

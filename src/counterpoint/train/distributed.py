@@ -223,7 +223,8 @@ class ParallelTask:
             if ctx.device.type == "cuda":  # BatchNorm statistics over the global batch (no CPU kernel)
                 root = nn.SyncBatchNorm.convert_sync_batchnorm(task)
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.module = nn.parallel.DistributedDataParallel(root, device_ids=ids)
+            self.module = nn.parallel.DistributedDataParallel(root, device_ids=ids,
+                                                              find_unused_parameters=task.unused_parameters())
 
     def forward_backward(self, batch: dict[str, torch.Tensor], step: int, accum_steps: int,
                          autocast: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
