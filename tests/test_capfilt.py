@@ -135,6 +135,9 @@ def test_finished_stages_are_reused_and_a_changed_bootstrap_redoes_only_what_fol
     monkeypatch.setattr(pipeline, "train", spy)
     pipeline.run_capfilt(cfg)
     assert trained == []  # everything reused
+    watched = from_dict(CapFiltConfig, {**to_dict(cfg), "captioner": [*cfg.captioner, "train.log_every=7"]})
+    pipeline.run_capfilt(watched)
+    assert trained == []  # logging more often changes nothing that was computed
     # the median p(match) of the originals as the threshold: about half of them go
     median = json.loads((out / "seed0" / "bootstrap" / "bootstrap.json").read_text())["p_match"]["original"]["q50"]
     stricter = from_dict(CapFiltConfig, {**to_dict(cfg), "bootstrap": {**vars(cfg.bootstrap), "threshold": median}})

@@ -18,6 +18,7 @@ the filter against the truth and the captions' attributes where the data has the
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -55,6 +56,26 @@ def stage_config(cfg: CapFiltConfig, seed: int, stage: str, data: str, extra: tu
     return run
 
 
+# Settings that change how a run is watched, not what it computes: a finished stage that differs only in these
+# is reused.
+COSMETIC = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.threads",
+            "data.stream.num_workers", "data.stream.prefetch_factor")
+
+
+def _comparable(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    out = copy.deepcopy(config)
+    for key in COSMETIC:
+        node = out
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
 def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "config.yaml"
     return yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -70,7 +91,7 @@ def run_stage(cfg: RunConfig, overwrite: bool, after: tuple[Path, ...] = ()) -> 
     finished-at marks), resume one that was cut off, else train from the start."""
     run_dir = Path(cfg.out_dir)
     wanted = to_dict(with_resolved_inputs(cfg, resolve_eval_inputs(cfg)))
-    same = _saved_config(run_dir) == wanted
+    same = _comparable(_saved_config(run_dir)) == _comparable(wanted)
     if not overwrite and same and (run_dir / "eval.json").is_file():
         if all(finished_at(run_dir) >= p.stat().st_mtime for p in after):
             return run_dir
