@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from counterpoint.capfilt import pipeline
 from counterpoint.capfilt.bootstrap import SYNTHETIC_SUFFIX, THRESHOLDS, removal_curve, removal_scores
@@ -138,6 +139,12 @@ def test_finished_stages_are_reused_and_a_changed_bootstrap_redoes_only_what_fol
     watched = from_dict(CapFiltConfig, {**to_dict(cfg), "captioner": [*cfg.captioner, "train.log_every=7"]})
     pipeline.run_capfilt(watched)
     assert trained == []  # logging more often changes nothing that was computed
+    saved = out / "seed0" / "noisy" / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    del older["train"]["loggers"]  # a run written before that setting existed: it had the default
+    saved.write_text(yaml.safe_dump(older))
+    pipeline.run_capfilt(cfg)
+    assert trained == []
     # the median p(match) of the originals as the threshold: about half of them go
     median = json.loads((out / "seed0" / "bootstrap" / "bootstrap.json").read_text())["p_match"]["original"]["q50"]
     stricter = from_dict(CapFiltConfig, {**to_dict(cfg), "bootstrap": {**vars(cfg.bootstrap), "threshold": median}})

@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from counterpoint.capfilt.bootstrap import bootstrap
 from counterpoint.capfilt.config import CapFiltConfig
 from counterpoint.config import ConfigError, RunConfig, load_config, to_dict
@@ -77,8 +75,13 @@ def _comparable(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's config with today's defaults for settings added since it ran (None if there is none or it
+    no longer loads)."""
     path = run_dir / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    try:
+        return to_dict(load_config(path)) if path.is_file() else None
+    except ConfigError:
+        return None
 
 
 def finished_at(run_dir: Path) -> float:
