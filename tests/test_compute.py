@@ -56,7 +56,8 @@ def test_every_run_reports_its_compute(small_world: Path, tmp_path: Path) -> Non
     assert per_step > 0
     for r in rows:
         assert r["gflop"] == pytest.approx(per_step * r["step"], rel=1e-3)
-        assert 0 < r["mfu"] < 2 and r["matmul_peak_gflops"] > 0
+        # no upper bound: the peak is timed once at start, and a machine busy then reads a low peak
+        assert r["mfu"] > 0 and r["matmul_peak_gflops"] > 0
     compute = json.loads((run / "eval.json").read_text())["compute"]
     assert compute["samples_seen"] == 6 * 64 and compute["train_gflop"] == rows[-1]["gflop"]
     assert "## Compute" in (run / "report.md").read_text()
