@@ -102,16 +102,8 @@ def run_stage(cfg: RunConfig, overwrite: bool, after: tuple[Path, ...] = ()) -> 
     if (run_dir / "eval.json").is_file() and not same and not overwrite:
         raise UserError(f"'{run_dir}' holds a finished run of another config; pass --overwrite to redo the chain, or "
                         f"choose another out_dir")
-    resumable = same and not overwrite and _has_checkpoint(run_dir)
+    resumable = same and not overwrite and ckpt.newest_checkpoint(run_dir / "checkpoints") is not None
     return train(cfg, resume=resumable, overwrite=not resumable)
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    try:
-        ckpt.resolve_checkpoint(run_dir)
-    except UserError:
-        return False
-    return True
 
 
 def run_bootstrap(cfg: CapFiltConfig, seed: int, captioner: Path, filt: Path, overwrite: bool) -> dict[str, Any]:
